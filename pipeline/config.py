@@ -1,0 +1,187 @@
+"""``params.yaml``: loading and validation before any stage does work.
+
+Every key is checked (type, range, allowed values; unknown keys get a did-you-mean), and
+all problems are reported at once, each naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """Invalid ``params.yaml``; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One leaf of the schema."""
+
+    kind: type | tuple[type, ...]
+    minimum: float | None = None
+    maximum: float | None = None
+    min_exclusive: bool = False
+    choices: Callable[[], list[str]] | None = None
+    pattern_help: str | None = None
+    validator: Callable[[Any], bool] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            return f"must be {self._kind_name()}, not a boolean"
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            return f"must be {self._kind_name()}, got {type(value).__name__}"
+        if self.choices is not None and value not in self.choices():
+            return f"valid values: {', '.join(self.choices())}"
+        if self.validator is not None and not self.validator(value):
+            return f"valid values: {self.pattern_help}"
+        if self.minimum is not None:
+            if self.min_exclusive and value <= self.minimum:
+                return f"must be > {self.minimum}"
+            if not self.min_exclusive and value < self.minimum:
+                return f"must be >= {self.minimum}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be <= {self.maximum}"
+        return None
+
+    def _kind_name(self) -> str:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _registry_names(module: str, attribute: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        import importlib
+
+        return getattr(importlib.import_module(module), attribute).names()
+
+    return names
+
+
+def _is_device(value: str) -> bool:
+    if value in ("auto", "cpu", "cuda"):
+        return True
+    head, _, index = value.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
+def positive_int(maximum: float | None = None) -> Spec:
+    return Spec(int, minimum=1, maximum=maximum)
+
+
+def non_negative_int() -> Spec:
+    return Spec(int, minimum=0)
+
+
+def positive_float() -> Spec:
+    return Spec(float, minimum=0.0, min_exclusive=True)
+
+
+def fraction() -> Spec:
+    return Spec(float, minimum=0.0, maximum=1.0, min_exclusive=True)
+
+
+SCHEMA: dict[str, Any] = {
+    "seed": non_negative_int(),
+    "dataset": Spec(str, choices=_registry_names("pipeline.data", "DATASETS")),
+    "loss": Spec(str, choices=_registry_names("pipeline.losses", "LOSSES")),
+    "criterion": Spec(str, choices=_registry_names("pipeline.losses", "CRITERIA")),
+    "device": Spec(str, validator=_is_device, pattern_help="auto, cpu, cuda, cuda:N"),
+    "data": {
+        "test_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),
+        "val_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),
+    },
+    "classifier": {
+        "model": Spec(str, choices=_registry_names("pipeline.models", "MODELS")),
+        "hidden": positive_int(),
+        "dropout": Spec(float, minimum=0.0, maximum=0.95),
+        "epochs": positive_int(),
+        "batch_size": positive_int(),
+        "lr": positive_float(),
+        "momentum": Spec(float, minimum=0.0, maximum=1.0),
+        "weight_decay": Spec(float, minimum=0.0),
+    },
+    "confidnet": {
+        "width": positive_int(),
+        "layers": positive_int(),
+        "epochs": positive_int(),
+        "batch_size": positive_int(),
+        "lr": positive_float(),
+        "train_split": Spec(str, choices=lambda: ["train", "val"]),
+        "focal_alpha": fraction(),
+        "focal_gamma": Spec(float, minimum=0.0),
+    },
+    "finetune": {
+        "epochs": non_negative_int(),
+        "batch_size": positive_int(),
+        "lr": positive_float(),
+    },
+    "baselines": {
+        "mc_samples": positive_int(),
+        "batch_size": positive_int(),
+    },
+    "evaluate": {
+        "bootstrap_resamples": Spec(int, minimum=100),
+    },
+    "tracking": {
+        "experiment": Spec(str),
+    },
+}
+
+
+def _check(node: Any, schema: dict[str, Any], prefix: str, problems: list[str]) -> None:
+    if not isinstance(node, dict):
+        problems.append(f"{prefix.rstrip('.')}: must be a mapping of keys, got {node!r}")
+        return
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            problems.append(f"{path}: unknown key{hint} (known: {', '.join(schema)})")
+            continue
+        expected = schema[key]
+        if isinstance(expected, dict):
+            _check(value, expected, f"{path}.", problems)
+        else:
+            problem = expected.problem(value)
+            if problem:
+                problems.append(f"{path} = {value!r}: {problem}")
+    for key, expected in schema.items():
+        if key not in node:
+            problems.append(f"{prefix}{key}: missing")
+
+
+def validate(params: dict[str, Any]) -> dict[str, Any]:
+    """Return ``params`` unchanged if valid, else raise :class:`ParamsError` with every problem."""
+    problems: list[str] = []
+    _check(params, SCHEMA, "", problems)
+    if problems:
+        raise ParamsError("invalid params.yaml:\n  " + "\n  ".join(problems))
+    return params
+
+
+def project_root() -> Path:
+    """The DVC project root: ``DVC_ROOT`` inside DVC runs, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
+    """Read and validate ``params.yaml`` (relative to the working directory, which DVC
+    sets to the copy being run, not to ``DVC_ROOT``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found; run from the project root")
+    with open(path) as handle:
+        params = yaml.safe_load(handle) or {}
+    return validate(params)

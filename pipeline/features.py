@@ -1,0 +1,67 @@
+"""Penultimate features, logits and labels of the frozen classifier, extracted once so
+later stages never rerun the classifier for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import features_path
+from pipeline.data import Split
+from pipeline.io import atomic_write_npz, load_npz
+from pipeline.losses import CRITERIA
+from pipeline.models import Classifier
+from pipeline.training import ConfidenceData, batches
+
+
+@dataclass(frozen=True)
+class Features:
+    features: np.ndarray  # (N, D)
+    logits: np.ndarray  # (N, K)
+    labels: np.ndarray  # (N,)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return (self.predictions == self.labels).astype(np.int64)
+
+
+@torch.no_grad()
+def extract(classifier: Classifier, split: Split, batch_size: int,
+            device: torch.device) -> Features:
+    classifier.eval()
+    feats, logits = [], []
+    for idx in batches(len(split), batch_size, None):
+        f = classifier.encode(split.x[idx].to(device))
+        feats.append(f.float().cpu())
+        logits.append(classifier.classify(f).float().cpu())
+    return Features(torch.cat(feats).numpy(), torch.cat(logits).numpy(), split.y.numpy())
+
+
+def save_features(split: str, features: Features, root: Path = Path()) -> None:
+    atomic_write_npz(root / features_path(split), features=features.features,
+                     logits=features.logits, labels=features.labels)
+
+
+def load_features(split: str, root: Path = Path()) -> Features:
+    arrays = load_npz(root / features_path(split))
+    return Features(arrays["features"], arrays["logits"], arrays["labels"])
+
+
+def confidence_targets(features: Features, criterion: str,
+                       inputs: torch.Tensor | None = None) -> ConfidenceData:
+    """Targets for ConfidNet from the frozen classifier's logits: the criterion value
+    (TCP or TCP^r) and correctness. ``inputs`` defaults to the features (phase 1)."""
+    probs = torch.softmax(torch.from_numpy(features.logits).double(), dim=-1)
+    target = CRITERIA[criterion](probs, torch.from_numpy(features.labels)).float()
+    return ConfidenceData(
+        inputs=torch.from_numpy(features.features) if inputs is None else inputs,
+        target=target,
+        correct=torch.from_numpy(features.correct),
+    )

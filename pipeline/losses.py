@@ -1,0 +1,86 @@
+"""Confidence criteria (what ConfidNet learns) and losses (how it learns it).
+
+Criteria (paper Sec. 2.1):
+- ``tcp``   eq. (2): the softmax probability of the true class.
+- ``tcp_r`` eq. (3): TCP divided by MCP; 1 for correct predictions, < 1 for errors.
+
+Losses take ConfidNet's pre-sigmoid logit ``u`` (confidence ``c = sigmoid(u)``), the
+criterion target and the 0/1 correctness of the frozen classifier's prediction:
+- ``mse``     eq. (4): mean((c - target)^2). The paper's loss.
+- ``bce``     binary cross-entropy between c and 1[correct] (paper Sec. 2.2, Table 4).
+- ``focal``   alpha_t (1 - p_t)^gamma BCE on 1[correct] (Lin et al. 2017; authors'
+              defaults alpha 0.25, gamma 5).
+- ``ranking`` pairwise logistic ranking loss inside the batch: every pair whose criterion
+              targets differ is pushed to the same order in u. With ``tcp_r`` this ranks
+              every correct prediction above every error; the authors used a structured
+              AP loss instead, which needs a compiled solver (see the shared notes).
+
+``bce`` and ``focal`` read correctness only; ``mse`` and ``ranking`` read the criterion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.registry import Registry
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+@CRITERIA.register("tcp")
+def true_class_probability(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Paper eq. (2): P(Y = y* | w, x)."""
+    return probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+@CRITERIA.register("tcp_r")
+def normalised_true_class_probability(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Paper eq. (3): TCP / MCP."""
+    return true_class_probability(probs, labels) / probs.max(dim=-1).values
+
+
+LossFn = Callable[..., torch.Tensor]
+LOSSES: Registry[LossFn] = Registry("loss")
+
+
+@LOSSES.register("mse")
+def mse_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
+             **_: float) -> torch.Tensor:
+    """Paper eq. (4)."""
+    return F.mse_loss(torch.sigmoid(logit), target)
+
+
+@LOSSES.register("bce")
+def bce_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
+             **_: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logit, correct.float())
+
+
+@LOSSES.register("focal")
+def focal_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
+               focal_alpha: float = 0.25, focal_gamma: float = 5.0, **_: float) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017, eq. 5) with 'correct' as the positive class."""
+    y = correct.float()
+    bce = F.binary_cross_entropy_with_logits(logit, y, reduction="none")
+    p_t = torch.exp(-bce)  # probability given to the true binary label
+    alpha_t = focal_alpha * y + (1 - focal_alpha) * (1 - y)
+    return (alpha_t * (1 - p_t) ** focal_gamma * bce).mean()
+
+
+@LOSSES.register("ranking")
+def ranking_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
+                 **_: float) -> torch.Tensor:
+    """Mean of log(1 + exp(-(u_i - u_j))) over batch pairs with target_i > target_j.
+
+    A batch with no ordered pair (all targets equal) contributes zero loss, still
+    connected to the graph so an optimiser step is well defined.
+    """
+    ordered = target.unsqueeze(1) > target.unsqueeze(0)
+    if not ordered.any():
+        return logit.sum() * 0.0
+    margins = logit.unsqueeze(1) - logit.unsqueeze(0)
+    return F.softplus(-margins[ordered]).mean()

@@ -1,0 +1,164 @@
+"""``reports/report.md`` and its figures, generated from the stage outputs only.
+
+Every sentence that states a result is computed from the numbers: a difference is
+called a win only when its paired-bootstrap 95% interval excludes zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.reporting import CHALLENGERS, ORACLES, method_label, ordered_methods
+
+PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+
+# (key, column title, lower is better) in the paper's Table 1 order, then the
+# risk-coverage metrics.
+TABLE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("fpr_at_95tpr", "FPR-95%-TPR", True),
+    ("aupr_error", "AUPR-Error", False),
+    ("aupr_success", "AUPR-Success", False),
+    ("auroc", "AUROC", False),
+    ("aurc", "AURC", True),
+    ("eaurc", "E-AURC", True),
+)
+
+
+def percent(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.2f}"
+
+
+def paper_table(dataset: str) -> tuple[str, dict[str, Any]] | None:
+    data = yaml.safe_load(PAPER_RESULTS.read_text())
+    setting = data["closest_setting"].get(dataset, dataset)
+    row = data["table1"].get(setting)
+    return (setting, row) if row else None
+
+
+def results_table(test: Mapping[str, Mapping[str, float]]) -> str:
+    methods = ordered_methods(list(test))
+    header = "| Method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+    lines = [header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    best: dict[str, float] = {}
+    for key, _, lower in TABLE_COLUMNS:
+        values = [test[m][key] for m in methods if m not in ORACLES and not math.isnan(test[m][key])]
+        if values:
+            best[key] = min(values) if lower else max(values)
+    for method in methods:
+        cells = []
+        for key, _, _ in TABLE_COLUMNS:
+            text = percent(test[method][key])
+            if method not in ORACLES and key in best and test[method][key] == best[key]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_rows(row: Mapping[str, Any]) -> str:
+    keys = ("fpr_at_95tpr", "aupr_error", "aupr_success", "auroc")
+    lines = ["| Method (paper) | FPR-95%-TPR | AUPR-Error | AUPR-Success | AUROC |",
+             "|---|---|---|---|---|"]
+    for method in ("mcp", "mc_dropout", "trustscore", "confidnet"):
+        values = row[method]
+        cells = [("n/a" if values[k] is None else f"{values[k]:.2f}") for k in keys]
+        lines.append(f"| {method_label(method).split(',')[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def significance_table(significance: Mapping[str, Any]) -> str:
+    lines = ["| Comparison | AUPR-Error difference [95% CI] | significant | "
+             "AURC difference [95% CI] | significant |", "|---|---|---|---|---|"]
+    for challenger, against in significance.items():
+        for baseline, metrics in against.items():
+            cells = []
+            for key in ("aupr_error", "aurc"):
+                m = metrics[key]
+                cells.append(f"{100 * m['difference']:+.2f} [{100 * m['ci_low']:+.2f}, "
+                             f"{100 * m['ci_high']:+.2f}]")
+                cells.append("yes" if m["significant"] else "no")
+            lines.append(f"| {method_label(challenger)} − {method_label(baseline)} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(test: Mapping[str, Mapping[str, float]], significance: Mapping[str, Any],
+            test_errors: int) -> str:
+    """The plain-language result, from the numbers: a win needs an interval above zero."""
+    final = "confidnet_finetuned"
+    baselines = [m for m in ordered_methods(list(test)) if m not in CHALLENGERS + ORACLES]
+    best = max(baselines, key=lambda m: test[m]["aupr_error"])
+    ours, theirs = test[final]["aupr_error"], test[best]["aupr_error"]
+    sig = significance[final][best]["aupr_error"]
+    interval = f"95% CI of the difference [{100 * sig['ci_low']:+.2f}, {100 * sig['ci_high']:+.2f}]"
+    head = (f"On the test split's {test_errors} errors, {method_label(final)} reaches an "
+            f"AUPR-Error of {percent(ours)}% against {percent(theirs)}% for the best baseline, "
+            f"{method_label(best)} ({interval} points).")
+    if sig["ci_low"] > 0:
+        tail = "The gain is significant at the 95% level."
+    elif sig["ci_high"] < 0:
+        tail = "ConfidNet is significantly worse here."
+    else:
+        tail = ("The interval contains zero: this run does not show a difference between them; "
+                "with this few errors, neither a win nor a loss is supported.")
+    return f"{head} {tail}"
+
+
+def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
+                 correct: np.ndarray, tcp: np.ndarray) -> list[tuple[str, str]]:
+    """Risk-coverage curves (paper Fig. 3) and MCP / TCP / ConfidNet histograms of correct
+    and wrong predictions (paper Fig. 1). Returns (file name, caption) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.metrics import risk_coverage_curve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = []
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in ordered_methods(list(scores)):
+        curve = risk_coverage_curve(scores[method]["test"], correct)
+        style = ":" if method in ORACLES else "-"
+        ax.step(curve.coverage * 100, curve.risk * 100, where="post", linestyle=style,
+                label=method_label(method))
+    ax.set_xlabel("Coverage (%)")
+    ax.set_ylabel("Selective risk (%)")
+    ax.set_title("Risk-coverage, test split")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "risk_coverage.png", dpi=120)
+    plt.close(fig)
+    figures.append(("risk_coverage.png", "Risk-coverage curves on the test split (paper Fig. 3)."))
+
+    panels = [("MCP", scores["mcp"]["test"]), ("TCP (oracle)", tcp),
+              ("ConfidNet, fine-tuned", scores["confidnet_finetuned"]["test"])]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    bins = np.linspace(0, 1, 41)
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        ax.hist(values[correct == 1], bins=bins, density=True, alpha=0.6, color="tab:green",
+                label=f"correct ({int(correct.sum())})")
+        ax.hist(values[correct == 0], bins=bins, density=True, alpha=0.6, color="tab:red",
+                label=f"wrong ({int((1 - correct).sum())})")
+        ax.set_title(title)
+        ax.set_xlabel("confidence")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("relative density")
+    fig.tight_layout()
+    fig.savefig(folder / "confidence_histograms.png", dpi=120)
+    plt.close(fig)
+    figures.append(("confidence_histograms.png",
+                    "Confidence of correct and wrong test predictions (paper Fig. 1), "
+                    "each class normalised to unit area."))
+    return figures

@@ -1,0 +1,31 @@
+"""What every stage does around its work: validate params first, track the run in MLflow,
+record the run ids for the report."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.artifacts import run_record_path
+from pipeline.config import ParamsError, load_params
+from pipeline.io import atomic_write_json
+from pipeline.tracking import StageRun, stage_run
+from pipeline.training import resolve_device, seed_everything
+
+StageBody = Callable[[dict[str, Any], StageRun], None]
+
+
+def run_stage(name: str, body: StageBody) -> None:
+    """Validate ``params.yaml`` (before any work), seed, run ``body`` inside an MLflow
+    run, then write ``runs/<name>.json``. Bad params exit with status 2 and one message."""
+    try:
+        params = load_params()
+        resolve_device(params["device"])
+    except (ParamsError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    seed_everything(params["seed"])
+    with stage_run(name, params) as run:
+        body(params, run)
+    atomic_write_json(run_record_path(name), run.record())

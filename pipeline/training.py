@@ -1,0 +1,152 @@
+"""Training loops. Device-agnostic: tensors move to ``device`` batch by batch, so the same
+loops run on CPU here and on a GPU machine; nothing assumes a single process."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.data import Split
+from pipeline.metrics import aupr_error
+
+EpochLogger = Callable[[int, dict[str, float]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; an explicit ``cuda`` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device = {name!r} but CUDA is not available; use auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch; deterministic kernels where the backend has them."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Index batches; shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+@torch.no_grad()
+def predict(model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+            batch_size: int, device: torch.device) -> torch.Tensor:
+    """Outputs for ``inputs`` in eval mode, gathered on the CPU."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    return torch.cat([
+        model(inputs[idx].to(device)).float().cpu() for idx in batches(len(inputs), batch_size, None)
+    ])
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_value: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _progress(epochs: int, desc: str) -> tqdm:
+    return tqdm(range(1, epochs + 1), desc=desc, unit="epoch", mininterval=1.0, leave=False)
+
+
+def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, Any],
+                     device: torch.device, seed: int, log: EpochLogger) -> FitResult:
+    """Cross-entropy training with SGD (paper eq. 1); keeps the epoch with the best
+    validation accuracy, as the authors do."""
+    model.to(device)
+    optimiser = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"])
+    generator = torch.Generator().manual_seed(seed)
+    result = FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
+    for epoch in _progress(cfg["epochs"], "train classifier"):
+        model.train()
+        total, seen = 0.0, 0
+        for idx in batches(len(train), cfg["batch_size"], generator):
+            x, y = train.x[idx].to(device), train.y[idx].to(device)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        row = {"train_loss": total / seen}
+        for name, split in (("train", train), ("val", val)):
+            logits = predict(model, split.x, 4096, device)
+            row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
+        row["val_loss"] = float(nn.functional.cross_entropy(
+            predict(model, val.x, 4096, device), val.y))
+        result.history.append({"epoch": epoch, **row})
+        log(epoch, row)
+        if row["val_accuracy"] > result.best_value:
+            result.best_value, result.best_epoch = row["val_accuracy"], epoch
+            result.best_state = copy.deepcopy(model.state_dict())
+    return result
+
+
+@dataclass(frozen=True)
+class ConfidenceData:
+    """Inputs of the confidence model with its targets, for one split."""
+
+    inputs: torch.Tensor  # features (phase 1) or images (fine-tuning)
+    target: torch.Tensor  # criterion value (TCP or TCP^r) of the frozen classifier
+    correct: torch.Tensor  # 1 where the frozen classifier is right
+
+
+def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
+                   loss_fn: Callable[..., torch.Tensor], loss_kwargs: dict[str, float],
+                   epochs: int, lr: float, batch_size: int, device: torch.device, seed: int,
+                   log: EpochLogger, desc: str) -> FitResult:
+    """Train a model that maps inputs to a confidence logit (Adam, as the authors do);
+    keep the epoch with the best validation AUPR-Error. Epoch 0 is the starting point,
+    so fine-tuning can never end worse on validation than where it began."""
+    model.to(device)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+
+    def validate() -> float:
+        scores = torch.sigmoid(predict(model, val.inputs, 4096, device)).numpy()
+        value = aupr_error(scores, val.correct.numpy())
+        return -1.0 if np.isnan(value) else value
+
+    start = validate()
+    result = FitResult(copy.deepcopy(model.state_dict()), 0, start,
+                       [{"epoch": 0, "val_aupr_error": start}])
+    for epoch in _progress(epochs, desc):
+        model.train()
+        total, seen = 0.0, 0
+        for idx in batches(len(train.target), batch_size, generator):
+            logit = model(train.inputs[idx].to(device))
+            loss = loss_fn(logit, train.target[idx].to(device), train.correct[idx].to(device),
+                           **loss_kwargs)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        row = {"train_loss": total / seen, "val_aupr_error": validate()}
+        result.history.append({"epoch": epoch, **row})
+        log(epoch, row)
+        if row["val_aupr_error"] > result.best_value:
+            result.best_value, result.best_epoch = row["val_aupr_error"], epoch
+            result.best_state = copy.deepcopy(model.state_dict())
+    return result

@@ -1,0 +1,44 @@
+"""Stage 6: every registered scoring function (MCP, MC Dropout, TrustScore, the TCP
+oracle, ...) on the validation and test splits, one file per method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.artifacts import BASELINE_SCORES, CLASSIFIER, DATA
+from pipeline.baselines import SCORERS, ScoringContext
+from pipeline.data import load_dataset
+from pipeline.features import load_features
+from pipeline.io import atomic_write_npz
+from pipeline.models import build_classifier
+from pipeline.stage import run_stage
+from pipeline.tracking import StageRun
+from pipeline.training import resolve_device
+
+
+def body(params: dict[str, Any], run: StageRun) -> None:
+    device = resolve_device(params["device"])
+    dataset = load_dataset(DATA)
+    classifier = build_classifier(dataset.input_shape, dataset.num_classes, params["classifier"])
+    classifier.load_state_dict(torch.load(CLASSIFIER, map_location="cpu", weights_only=True))
+    classifier.to(device)
+    train = load_features("train")
+    contexts = {}
+    for split in ("val", "test"):
+        feats = load_features(split)
+        contexts[split] = ScoringContext(
+            logits=feats.logits, labels=feats.labels, features=feats.features,
+            train_features=train.features, train_labels=train.labels, classifier=classifier,
+            inputs=dataset[split].x, device=device, seed=params["seed"],
+            params=params["baselines"],
+        )
+    for name, scorer in SCORERS.items():
+        scores = {split: scorer(ctx) for split, ctx in contexts.items()}
+        atomic_write_npz(BASELINE_SCORES / f"{name}.npz", **scores)
+    run.log_metrics({"methods": len(SCORERS.names())})
+
+
+if __name__ == "__main__":
+    run_stage("baselines", body)

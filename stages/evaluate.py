@@ -1,0 +1,73 @@
+"""Stage 7: every failure metric of every method on validation and test, DVC metrics and
+plots, and a paired bootstrap of ConfidNet against each baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.artifacts import BASELINE_SCORES, CONFIDNET_SCORES, FINETUNED_SCORES, METRICS, PLOTS
+from pipeline.features import load_features
+from pipeline.io import atomic_write_json, atomic_write_text, load_npz
+from pipeline.metrics import aupr_error, aurc, failure_metrics, paired_bootstrap, pr_error_curve, risk_coverage_curve
+from pipeline.reporting import CHALLENGERS, ORACLES, rows_csv
+from pipeline.stage import run_stage
+from pipeline.tracking import StageRun
+
+
+def load_scores() -> dict[str, dict[str, np.ndarray]]:
+    files = sorted(Path(BASELINE_SCORES).glob("*.npz")) + [CONFIDNET_SCORES, FINETUNED_SCORES]
+    return {path.stem: load_npz(path) for path in files}
+
+
+def body(params: dict[str, Any], run: StageRun) -> None:
+    scores = load_scores()
+    correct = {s: load_features(s).correct for s in ("val", "test")}
+    results: dict[str, Any] = {
+        split: {m: failure_metrics(s[split], correct[split]) for m, s in scores.items()}
+        for split in ("val", "test")
+    }
+    for split in ("val", "test"):
+        results[f"{split}_size"] = int(correct[split].size)
+        results[f"{split}_errors"] = int((1 - correct[split]).sum())
+    atomic_write_json(METRICS / "evaluate.json", results)
+
+    significance: dict[str, Any] = {}
+    resamples = params["evaluate"]["bootstrap_resamples"]
+    for challenger in CHALLENGERS:
+        for baseline in scores:
+            if baseline in CHALLENGERS or baseline in ORACLES:
+                continue
+            for metric_name, metric in (("aupr_error", aupr_error), ("aurc", aurc)):
+                diff, low, high = paired_bootstrap(
+                    scores[challenger]["test"], scores[baseline]["test"], correct["test"],
+                    metric, resamples, params["seed"])
+                significance.setdefault(challenger, {}).setdefault(baseline, {})[metric_name] = {
+                    "difference": diff, "ci_low": low, "ci_high": high,
+                    "significant": bool(low > 0 or high < 0),
+                }
+    atomic_write_json(METRICS / "significance.json", significance)
+
+    rc_rows, pr_rows = [], []
+    for method, s in scores.items():
+        curve = risk_coverage_curve(s["test"], correct["test"])
+        rc_rows += [{"method": method, "coverage": c, "risk": r}
+                    for c, r in zip(curve.coverage, curve.risk, strict=True)]
+        precision, recall = pr_error_curve(s["test"], correct["test"])
+        pr_rows += [{"method": method, "recall": r, "precision": p}
+                    for r, p in zip(recall, precision, strict=True)]
+    atomic_write_text(PLOTS / "risk_coverage.csv", rows_csv(rc_rows))
+    atomic_write_text(PLOTS / "pr_error.csv", rows_csv(pr_rows))
+
+    run.log_metrics({f"{split}/{method}/{name}": value
+                     for split in ("val", "test") for method, values in results[split].items()
+                     for name, value in values.items()})
+    run.log_metrics({"test_errors": results["test_errors"], "test_size": results["test_size"]})
+    run.log_artifact(METRICS / "evaluate.json")
+    run.log_artifact(METRICS / "significance.json")
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", body)

@@ -1,0 +1,32 @@
+"""Stage 3: penultimate features, logits and labels of the frozen classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.artifacts import CLASSIFIER, DATA
+from pipeline.data import SPLITS, load_dataset
+from pipeline.features import extract, save_features
+from pipeline.models import build_classifier
+from pipeline.stage import run_stage
+from pipeline.tracking import StageRun
+from pipeline.training import resolve_device
+
+
+def body(params: dict[str, Any], run: StageRun) -> None:
+    device = resolve_device(params["device"])
+    data = load_dataset(DATA)
+    classifier = build_classifier(data.input_shape, data.num_classes, params["classifier"])
+    classifier.load_state_dict(torch.load(CLASSIFIER, map_location="cpu", weights_only=True))
+    classifier.to(device)
+    for split in SPLITS:
+        features = extract(classifier, data[split], 4096, device)
+        save_features(split, features)
+        run.log_metrics({f"{split}_accuracy": float(features.correct.mean()),
+                         f"{split}_errors": float((1 - features.correct).sum())})
+
+
+if __name__ == "__main__":
+    run_stage("extract_features", body)

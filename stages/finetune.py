@@ -1,0 +1,69 @@
+"""Stage 5: ConfidNet phase 2 (paper Sec. 2.2, 'Learning scheme'): a copy of the
+classifier's encoder plus the phase-1 head, trained end to end with dropout off, batch-norm
+statistics frozen and a lower learning rate. The original classifier is never updated: the
+targets and the predictions come from its cached logits. Epoch kept on validation
+AUPR-Error, epoch 0 being the phase-1 model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import (
+    CLASSIFIER,
+    CONFIDNET,
+    CONFIDNET_FINETUNED,
+    DATA,
+    FINETUNED_SCORES,
+    METRICS,
+    PLOTS,
+)
+from pipeline.data import load_dataset
+from pipeline.features import confidence_targets, load_features
+from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_npz, atomic_write_text
+from pipeline.losses import LOSSES
+from pipeline.models import ConfidNetHead, ConfidNetModel, build_classifier
+from pipeline.reporting import history_csv
+from pipeline.stage import run_stage
+from pipeline.tracking import StageRun
+from pipeline.training import fit_confidence, predict, resolve_device
+from stages.train_confidnet import loss_kwargs
+
+
+def body(params: dict[str, Any], run: StageRun) -> None:
+    device = resolve_device(params["device"])
+    cfg, head_cfg = params["finetune"], params["confidnet"]
+    dataset = load_dataset(DATA)
+    classifier = build_classifier(dataset.input_shape, dataset.num_classes, params["classifier"])
+    classifier.load_state_dict(torch.load(CLASSIFIER, map_location="cpu", weights_only=True))
+    head = ConfidNetHead(classifier.feature_dim, head_cfg["width"], head_cfg["layers"])
+    head.load_state_dict(torch.load(CONFIDNET, map_location="cpu", weights_only=True))
+    model = ConfidNetModel(classifier, head)
+    data = {
+        s: confidence_targets(load_features(s), params["criterion"], inputs=dataset[s].x)
+        for s in ("train", "val", "test")
+    }
+    result = fit_confidence(
+        model, data[head_cfg["train_split"]], data["val"], LOSSES[params["loss"]],
+        loss_kwargs(params), epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
+        device=device, seed=params["seed"],
+        log=lambda epoch, row: run.log_metrics(row, step=epoch), desc="finetune",
+    )
+    model.load_state_dict(result.best_state)
+    atomic_torch_save(CONFIDNET_FINETUNED, result.best_state)
+    scores = {s: torch.sigmoid(predict(model, data[s].inputs, 4096, device)).numpy().astype(np.float64)
+              for s in ("val", "test")}
+    atomic_write_npz(FINETUNED_SCORES, **scores)
+    start = result.history[0]["val_aupr_error"]
+    summary = {"best_epoch": result.best_epoch, "val_aupr_error": result.best_value,
+               "val_aupr_error_before": start}
+    atomic_write_json(METRICS / "finetune.json", summary)
+    atomic_write_text(PLOTS / "finetune_curves.csv", history_csv(result.history))
+    run.log_metrics({"best_epoch": result.best_epoch, "best_val_aupr_error": result.best_value})
+    run.log_artifact(CONFIDNET_FINETUNED)
+
+
+if __name__ == "__main__":
+    run_stage("finetune", body)

@@ -1,0 +1,125 @@
+"""Stage 8: ``reports/report.md`` with its figures, readable on its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.artifacts import DATA, FIGURES, METRICS, REPORT, RUNS
+from pipeline.features import load_features
+from pipeline.io import atomic_write_text
+from pipeline.report import (
+    paper_rows,
+    paper_table,
+    percent,
+    results_table,
+    save_figures,
+    significance_table,
+    verdict,
+)
+from pipeline.stage import run_stage
+from pipeline.tracking import StageRun, tracking_uri
+from stages.evaluate import load_scores
+
+STAGE_ORDER = ("download", "train_classifier", "extract_features", "train_confidnet",
+               "finetune", "baselines", "evaluate")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def render(params: dict[str, Any], this_run: StageRun) -> str:
+    evaluation = read_json(METRICS / "evaluate.json")
+    significance = read_json(METRICS / "significance.json")
+    classifier = read_json(METRICS / "classifier.json")
+    confidnet = read_json(METRICS / "train_confidnet.json")
+    finetune = read_json(METRICS / "finetune.json")
+    split = read_json(DATA / "split.json")
+    test, test_errors = evaluation["test"], evaluation["test_errors"]
+    scores = load_scores()
+    test_features = load_features("test")
+    figures = save_figures(FIGURES, scores, test_features.correct, scores["tcp_oracle"]["test"])
+    records = [read_json(RUNS / f"{s}.json") for s in STAGE_ORDER if (RUNS / f"{s}.json").exists()]
+    records.append(this_run.record())
+
+    out = [f"# Failure prediction with ConfidNet: `{params['dataset']}`", ""]
+    out += ["## Result", "", verdict(test, significance, test_errors), ""]
+    accuracy = test["mcp"]["accuracy"]
+    out += [
+        "## Setup", "",
+        f"- Dataset `{split['dataset']}`: {split['sizes']['train']} train / "
+        f"{split['sizes']['val']} validation / {split['sizes']['test']} test samples "
+        f"(seeded split, seed {split['seed']}).",
+        f"- Classifier `{params['classifier']['model']}`, epoch {classifier['best_epoch']} kept on "
+        f"validation accuracy ({percent(classifier['val_accuracy'])}%). Test accuracy "
+        f"{percent(accuracy)}%: **{test_errors} errors among {evaluation['test_size']} test "
+        f"samples**, the positives every AUPR-Error below rests on.",
+        f"- ConfidNet: loss `{params['loss']}`, criterion `{params['criterion']}`, trained on the "
+        f"`{confidnet['train_split']}` split, which holds **{confidnet['train_errors']} "
+        f"classifier errors among {confidnet['train_size']} samples**. Epoch "
+        f"{confidnet['best_epoch']} kept on validation AUPR-Error, whose split holds "
+        f"{evaluation['val_errors']} errors among {evaluation['val_size']} samples.",
+        f"- Fine-tuning: validation AUPR-Error {percent(finetune['val_aupr_error_before'])}% before, "
+        f"{percent(finetune['val_aupr_error'])}% at the kept epoch {finetune['best_epoch']} "
+        "(epoch 0 is the phase-1 model).",
+        "- All methods score the same classifier's predictions; MC Dropout's score is computed "
+        "for the deterministic prediction so every method faces the same errors.",
+        "",
+    ]
+    out += [
+        "## Test results in the paper's Table 1 layout (%)", "",
+        results_table(test), "",
+        "Best value per column in bold (the TCP oracle, which reads the label, excluded). "
+        "Conventions: AUROC and AUPR as scikit-learn computes them (the authors' choice); "
+        "FPR at 95% TPR exact on the ROC curve; AURC with tied scores entering together "
+        "and E-AURC against the exact oracle of the same convention (see `pipeline/metrics.py`).",
+        "",
+    ]
+    paper = paper_table(params["dataset"])
+    if paper is not None:
+        setting, row = paper
+        same = setting == params["dataset"]
+        note = ("" if same else
+                f" The paper has no `{params['dataset']}` setting; its closest, {row['label']}, "
+                "is shown for scale only: a different dataset, so no cell compares directly.")
+        out += [f"### The paper's numbers, {row['label']} (Table 1, %)", "", paper_rows(row), "",
+                note.strip(), ""]
+    out += [
+        "## Are the differences real?", "",
+        f"Paired bootstrap over the {evaluation['test_size']} test samples "
+        f"({params['evaluate']['bootstrap_resamples']} resamples, seed {params['seed']}): "
+        "ConfidNet minus each baseline, in points; positive is better for AUPR-Error, "
+        "negative is better for AURC. Significant means the 95% interval excludes zero.", "",
+        significance_table(significance), "",
+    ]
+    out += ["## Figures", ""]
+    out += [f"![{caption}](figures/{name})\n\n*{caption}*\n" for name, caption in figures]
+    out += [
+        "## Provenance", "",
+        f"- Git commit: `{this_run.context['git_commit']}`",
+        f"- DVC experiment: `{this_run.context['dvc_exp_name'] or '(dvc repro, no experiment)'}`",
+        f"- MLflow tracking URI: `{tracking_uri()}`, experiment `{params['tracking']['experiment']}`",
+        "",
+        "| Stage | MLflow run id | DVC experiment | git commit |", "|---|---|---|---|",
+    ]
+    out += [f"| {r['stage']} | `{r['mlflow_run_id'] or 'not tracked'}` | "
+            f"{r['dvc_exp_name'] or '-'} | `{r['git_commit'][:10]}` |" for r in records]
+    out += ["", "Stages restored from DVC's run cache keep the run ids of the run that computed "
+            "them.", "", "### Parameters (`params.yaml`)", "", "```yaml",
+            yaml.safe_dump(params, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def body(params: dict[str, Any], run: StageRun) -> None:
+    atomic_write_text(REPORT, render(params, run))
+    run.log_artifact(REPORT)
+    for figure in sorted(FIGURES.glob("*.png")):
+        run.log_artifact(figure)
+
+
+if __name__ == "__main__":
+    run_stage("report", body)

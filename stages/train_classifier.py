@@ -1,0 +1,35 @@
+"""Stage 2: train the classifier; keep the epoch with the best validation accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.artifacts import CLASSIFIER, DATA, METRICS, PLOTS
+from pipeline.data import load_dataset
+from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipeline.models import build_classifier
+from pipeline.reporting import history_csv
+from pipeline.tracking import StageRun
+from pipeline.stage import run_stage
+from pipeline.training import resolve_device, train_classifier
+
+
+def body(params: dict[str, Any], run: StageRun) -> None:
+    device = resolve_device(params["device"])
+    data = load_dataset(DATA)
+    cfg = params["classifier"]
+    model = build_classifier(data.input_shape, data.num_classes, cfg)
+    result = train_classifier(model, data["train"], data["val"], cfg, device, params["seed"],
+                              log=lambda epoch, row: run.log_metrics(row, step=epoch))
+    atomic_torch_save(CLASSIFIER, result.best_state)
+    best = result.history[result.best_epoch - 1]
+    summary = {"best_epoch": result.best_epoch, "val_accuracy": best["val_accuracy"],
+               "train_accuracy": best["train_accuracy"]}
+    atomic_write_json(METRICS / "classifier.json", summary)
+    atomic_write_text(PLOTS / "classifier_curves.csv", history_csv(result.history))
+    run.log_metrics({f"best_{k}": v for k, v in summary.items()})
+    run.log_artifact(CLASSIFIER)
+
+
+if __name__ == "__main__":
+    run_stage("train_classifier", body)
