@@ -92,7 +92,7 @@ def mc_dropout_probabilities(
         outputs = []
         for start in range(0, len(inputs), per_chunk):
             chunk = inputs[start:start + per_chunk].to(device)
-            repeated = chunk.unsqueeze(0).expand(samples, *chunk.shape).reshape(-1, *chunk.shape[1:])
+            repeated = chunk.expand(samples, *chunk.shape).reshape(-1, *chunk.shape[1:])
             logits = classifier(repeated).float()
             outputs.append(torch.softmax(logits, -1).view(samples, len(chunk), -1).cpu())
         return torch.cat(outputs, dim=1)

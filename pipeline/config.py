@@ -157,7 +157,7 @@ def _check(node: Any, schema: dict[str, Any], prefix: str, problems: list[str]) 
             problem = expected.problem(value)
             if problem:
                 problems.append(f"{path} = {value!r}: {problem}")
-    for key, expected in schema.items():
+    for key in schema:
         if key not in node:
             problems.append(f"{prefix}{key}: missing")
 

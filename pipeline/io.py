@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,3 +54,23 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
+
+
+def rows_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """CSV text of dict rows (header from the first row), floats to 6 significant digits."""
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def history_csv(history: Sequence[Mapping[str, float]]) -> str:
+    """Per-epoch curves; rows may lack keys (epoch 0 has no training loss)."""
+    fields: list[str] = []
+    for row in history:
+        fields += [k for k in row if k not in fields]
+    return rows_csv([{k: row.get(k, "") for k in fields} for row in history])

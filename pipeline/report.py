@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.reporting import CHALLENGERS, ORACLES, method_label, ordered_methods
+from pipeline.methods import CHALLENGERS, ORACLES, method_label, ordered_methods
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 
@@ -49,7 +49,8 @@ def results_table(test: Mapping[str, Mapping[str, float]]) -> str:
     lines = [header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     best: dict[str, float] = {}
     for key, _, lower in TABLE_COLUMNS:
-        values = [test[m][key] for m in methods if m not in ORACLES and not math.isnan(test[m][key])]
+        values = [test[m][key] for m in methods
+                  if m not in ORACLES and not math.isnan(test[m][key])]
         if values:
             best[key] = min(values) if lower else max(values)
     for method in methods:

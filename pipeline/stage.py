@@ -16,9 +16,10 @@ from pipeline.training import resolve_device, seed_everything
 StageBody = Callable[[dict[str, Any], StageRun], None]
 
 
-def run_stage(name: str, body: StageBody) -> None:
+def run_stage(name: str, body: StageBody, record: bool = True) -> None:
     """Validate ``params.yaml`` (before any work), seed, run ``body`` inside an MLflow
-    run, then write ``runs/<name>.json``. Bad params exit with status 2 and one message."""
+    run, then write ``runs/<name>.json`` (unless ``record`` is false: the report prints
+    its own run). Bad params exit with status 2 and one message."""
     try:
         params = load_params()
         resolve_device(params["device"])
@@ -28,4 +29,5 @@ def run_stage(name: str, body: StageBody) -> None:
     seed_everything(params["seed"])
     with stage_run(name, params) as run:
         body(params, run)
-    atomic_write_json(run_record_path(name), run.record())
+    if record:
+        atomic_write_json(run_record_path(name), run.record())

@@ -94,7 +94,7 @@ class StageRun:
             self.run_id = run.info.run_id
             self._mlflow = mlflow
             mlflow.log_params(flatten(params))
-        except Exception as error:  # noqa: BLE001 - tracking must never stop a stage
+        except Exception as error:
             self._fail("start", error)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -103,7 +103,7 @@ class StageRun:
         try:
             clean = {k: float(v) for k, v in metrics.items() if v == v}  # drop NaN
             self._mlflow.log_metrics(clean, step=step)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             self._fail("log_metrics", error)
 
     def log_artifact(self, path: Path | str) -> None:
@@ -111,7 +111,7 @@ class StageRun:
             return
         try:
             self._mlflow.log_artifact(str(path))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             self._fail("log_artifact", error)
 
     def end(self, status: str) -> None:
@@ -119,7 +119,7 @@ class StageRun:
             return
         try:
             self._mlflow.end_run(status=status)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             self._fail("end_run", error)
 
     def record(self) -> dict[str, Any]:

@@ -52,9 +52,13 @@ def predict(model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
     """Outputs for ``inputs`` in eval mode, gathered on the CPU."""
     if isinstance(model, nn.Module):
         model.eval()
-    return torch.cat([
-        model(inputs[idx].to(device)).float().cpu() for idx in batches(len(inputs), batch_size, None)
-    ])
+    return torch.cat([model(inputs[idx].to(device)).float().cpu()
+                      for idx in batches(len(inputs), batch_size, None)])
+
+
+def confidence_scores(model: nn.Module, inputs: torch.Tensor, device: torch.device) -> np.ndarray:
+    """ConfidNet's confidence ``sigmoid(u)`` for every input, as float64 numpy."""
+    return torch.sigmoid(predict(model, inputs, 4096, device)).double().numpy()
 
 
 @dataclass
@@ -124,8 +128,7 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
     generator = torch.Generator().manual_seed(seed)
 
     def validate() -> float:
-        scores = torch.sigmoid(predict(model, val.inputs, 4096, device)).numpy()
-        value = aupr_error(scores, val.correct.numpy())
+        value = aupr_error(confidence_scores(model, val.inputs, device), val.correct.numpy())
         return -1.0 if np.isnan(value) else value
 
     start = validate()

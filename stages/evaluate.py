@@ -10,29 +10,39 @@ import numpy as np
 
 from pipeline.artifacts import BASELINE_SCORES, CONFIDNET_SCORES, FINETUNED_SCORES, METRICS, PLOTS
 from pipeline.features import load_features
-from pipeline.io import atomic_write_json, atomic_write_text, load_npz
-from pipeline.metrics import aupr_error, aurc, failure_metrics, paired_bootstrap, pr_error_curve, risk_coverage_curve
-from pipeline.reporting import CHALLENGERS, ORACLES, rows_csv
+from pipeline.io import atomic_write_json, atomic_write_text, load_npz, rows_csv
+from pipeline.methods import CHALLENGERS, ORACLES
+from pipeline.metrics import (
+    aupr_error,
+    aurc,
+    failure_metrics,
+    paired_bootstrap,
+    pr_error_curve,
+    risk_coverage_curve,
+)
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
 
 
 def load_scores() -> dict[str, dict[str, np.ndarray]]:
-    files = sorted(Path(BASELINE_SCORES).glob("*.npz")) + [CONFIDNET_SCORES, FINETUNED_SCORES]
+    files = [*sorted(Path(BASELINE_SCORES).glob("*.npz")), CONFIDNET_SCORES, FINETUNED_SCORES]
     return {path.stem: load_npz(path) for path in files}
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
     scores = load_scores()
     correct = {s: load_features(s).correct for s in ("val", "test")}
-    results: dict[str, Any] = {
-        split: {m: failure_metrics(s[split], correct[split]) for m, s in scores.items()}
-        for split in ("val", "test")
-    }
+    results: dict[str, Any] = {}
     for split in ("val", "test"):
-        results[f"{split}_size"] = int(correct[split].size)
-        results[f"{split}_errors"] = int((1 - correct[split]).sum())
-    atomic_write_json(METRICS / "evaluate.json", results)
+        results[split] = {
+            "methods": {m: failure_metrics(s[split], correct[split]) for m, s in scores.items()},
+            "size": int(correct[split].size),
+            "errors": int((1 - correct[split]).sum()),
+        }
+    # Test metrics are the DVC metrics that `dvc exp show` compares; validation ones are
+    # kept beside them for model-selection diagnostics.
+    atomic_write_json(METRICS / "evaluate.json", results["test"])
+    atomic_write_json(METRICS / "validation.json", results["val"])
 
     significance: dict[str, Any] = {}
     resamples = params["evaluate"]["bootstrap_resamples"]
@@ -62,9 +72,11 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_write_text(PLOTS / "pr_error.csv", rows_csv(pr_rows))
 
     run.log_metrics({f"{split}/{method}/{name}": value
-                     for split in ("val", "test") for method, values in results[split].items()
+                     for split in ("val", "test")
+                     for method, values in results[split]["methods"].items()
                      for name, value in values.items()})
-    run.log_metrics({"test_errors": results["test_errors"], "test_size": results["test_size"]})
+    run.log_metrics({f"{split}/{key}": results[split][key]
+                     for split in ("val", "test") for key in ("size", "errors")})
     run.log_artifact(METRICS / "evaluate.json")
     run.log_artifact(METRICS / "significance.json")
 

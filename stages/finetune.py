@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.artifacts import (
@@ -22,13 +21,18 @@ from pipeline.artifacts import (
 )
 from pipeline.data import load_dataset
 from pipeline.features import confidence_targets, load_features
-from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_npz, atomic_write_text
+from pipeline.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_npz,
+    atomic_write_text,
+    history_csv,
+)
 from pipeline.losses import LOSSES
 from pipeline.models import ConfidNetHead, ConfidNetModel, build_classifier
-from pipeline.reporting import history_csv
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
-from pipeline.training import fit_confidence, predict, resolve_device
+from pipeline.training import confidence_scores, fit_confidence, resolve_device
 from stages.train_confidnet import loss_kwargs
 
 
@@ -53,8 +57,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     )
     model.load_state_dict(result.best_state)
     atomic_torch_save(CONFIDNET_FINETUNED, result.best_state)
-    scores = {s: torch.sigmoid(predict(model, data[s].inputs, 4096, device)).numpy().astype(np.float64)
-              for s in ("val", "test")}
+    scores = {s: confidence_scores(model, data[s].inputs, device) for s in ("val", "test")}
     atomic_write_npz(FINETUNED_SCORES, **scores)
     start = result.history[0]["val_aupr_error"]
     summary = {"best_epoch": result.best_epoch, "val_aupr_error": result.best_value,

@@ -34,12 +34,13 @@ def read_json(path: Path) -> Any:
 
 def render(params: dict[str, Any], this_run: StageRun) -> str:
     evaluation = read_json(METRICS / "evaluate.json")
+    validation = read_json(METRICS / "validation.json")
     significance = read_json(METRICS / "significance.json")
     classifier = read_json(METRICS / "classifier.json")
     confidnet = read_json(METRICS / "train_confidnet.json")
     finetune = read_json(METRICS / "finetune.json")
     split = read_json(DATA / "split.json")
-    test, test_errors = evaluation["test"], evaluation["test_errors"]
+    test, test_errors = evaluation["methods"], evaluation["errors"]
     scores = load_scores()
     test_features = load_features("test")
     figures = save_figures(FIGURES, scores, test_features.correct, scores["tcp_oracle"]["test"])
@@ -56,14 +57,15 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
         f"(seeded split, seed {split['seed']}).",
         f"- Classifier `{params['classifier']['model']}`, epoch {classifier['best_epoch']} kept on "
         f"validation accuracy ({percent(classifier['val_accuracy'])}%). Test accuracy "
-        f"{percent(accuracy)}%: **{test_errors} errors among {evaluation['test_size']} test "
+        f"{percent(accuracy)}%: **{test_errors} errors among {evaluation['size']} test "
         f"samples**, the positives every AUPR-Error below rests on.",
         f"- ConfidNet: loss `{params['loss']}`, criterion `{params['criterion']}`, trained on the "
         f"`{confidnet['train_split']}` split, which holds **{confidnet['train_errors']} "
         f"classifier errors among {confidnet['train_size']} samples**. Epoch "
         f"{confidnet['best_epoch']} kept on validation AUPR-Error, whose split holds "
-        f"{evaluation['val_errors']} errors among {evaluation['val_size']} samples.",
-        f"- Fine-tuning: validation AUPR-Error {percent(finetune['val_aupr_error_before'])}% before, "
+        f"{validation['errors']} errors among {validation['size']} samples.",
+        "- Fine-tuning: validation AUPR-Error "
+        f"{percent(finetune['val_aupr_error_before'])}% before, "
         f"{percent(finetune['val_aupr_error'])}% at the kept epoch {finetune['best_epoch']} "
         "(epoch 0 is the phase-1 model).",
         "- All methods score the same classifier's predictions; MC Dropout's score is computed "
@@ -90,7 +92,7 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
                 note.strip(), ""]
     out += [
         "## Are the differences real?", "",
-        f"Paired bootstrap over the {evaluation['test_size']} test samples "
+        f"Paired bootstrap over the {evaluation['size']} test samples "
         f"({params['evaluate']['bootstrap_resamples']} resamples, seed {params['seed']}): "
         "ConfidNet minus each baseline, in points; positive is better for AUPR-Error, "
         "negative is better for AURC. Significant means the 95% interval excludes zero.", "",
@@ -101,8 +103,9 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
     out += [
         "## Provenance", "",
         f"- Git commit: `{this_run.context['git_commit']}`",
-        f"- DVC experiment: `{this_run.context['dvc_exp_name'] or '(dvc repro, no experiment)'}`",
-        f"- MLflow tracking URI: `{tracking_uri()}`, experiment `{params['tracking']['experiment']}`",
+        f"- DVC experiment: `{this_run.context['dvc_exp_name'] or '(none: dvc repro)'}`",
+        f"- MLflow tracking URI: `{tracking_uri()}`, "
+        f"experiment `{params['tracking']['experiment']}`",
         "",
         "| Stage | MLflow run id | DVC experiment | git commit |", "|---|---|---|---|",
     ]
@@ -122,4 +125,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("report", body)
+    run_stage("report", body, record=False)

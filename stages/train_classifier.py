@@ -6,11 +6,10 @@ from typing import Any
 
 from pipeline.artifacts import CLASSIFIER, DATA, METRICS, PLOTS
 from pipeline.data import load_dataset
-from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, history_csv
 from pipeline.models import build_classifier
-from pipeline.reporting import history_csv
-from pipeline.tracking import StageRun
 from pipeline.stage import run_stage
+from pipeline.tracking import StageRun
 from pipeline.training import resolve_device, train_classifier
 
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
-
 from pipeline.artifacts import CONFIDNET, CONFIDNET_SCORES, METRICS, PLOTS
 from pipeline.features import confidence_targets, load_features
-from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_npz, atomic_write_text
+from pipeline.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_npz,
+    atomic_write_text,
+    history_csv,
+)
 from pipeline.losses import LOSSES
 from pipeline.models import ConfidNetHead
-from pipeline.reporting import history_csv
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
-from pipeline.training import fit_confidence, predict, resolve_device
+from pipeline.training import confidence_scores, fit_confidence, resolve_device
 
 
 def loss_kwargs(params: dict[str, Any]) -> dict[str, float]:
@@ -42,8 +44,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     )
     head.load_state_dict(result.best_state)
     atomic_torch_save(CONFIDNET, result.best_state)
-    scores = {s: torch.sigmoid(predict(head, data[s].inputs, 4096, device)).numpy().astype(np.float64)
-              for s in ("val", "test")}
+    scores = {s: confidence_scores(head, data[s].inputs, device) for s in ("val", "test")}
     atomic_write_npz(CONFIDNET_SCORES, **scores)
     train = data[cfg["train_split"]]
     summary = {
