@@ -7,6 +7,7 @@ all problems are reported at once, each naming the key, the bad value and what i
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Spec:
             value = float(value)
         if not isinstance(value, kinds):
             return f"must be {self._kind_name()}, got {type(value).__name__}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
         if self.choices is not None and value not in self.choices():
             return f"valid values: {', '.join(self.choices())}"
         if self.validator is not None and not self.validator(value):
@@ -147,7 +150,7 @@ def _check(node: Any, schema: dict[str, Any], prefix: str, problems: list[str]) 
         path = f"{prefix}{key}"
         if key not in schema:
             close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             problems.append(f"{path}: unknown key{hint} (known: {', '.join(schema)})")
             continue
         expected = schema[key]

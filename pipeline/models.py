@@ -104,6 +104,7 @@ class ConfidNetModel(nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(classifier)
         self.head = head
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> ConfidNetModel:
         super().train(mode)

@@ -1,0 +1,198 @@
+"""Unit tests for ``pipeline.config``: the repository's params.yaml validates, and every
+kind of bad value is reported with the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import SCHEMA, ParamsError, load_params, validate
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+MISSING = object()  # marks a row that deletes the key instead of setting it
+
+
+@pytest.fixture(scope="module")
+def base_params() -> dict[str, Any]:
+    return yaml.safe_load(PARAMS_FILE.read_text())
+
+
+def with_value(params: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(params)
+    *parents, leaf = path.split(".")
+    node = out
+    for key in parents:
+        node = node[key]
+    if value is MISSING:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return out
+
+
+def test_repository_params_are_valid(base_params: dict[str, Any]) -> None:
+    assert validate(base_params) is base_params
+    assert load_params(PARAMS_FILE) == base_params
+
+
+def test_schema_covers_every_key_of_params_yaml(base_params: dict[str, Any]) -> None:
+    def leaves(node: dict[str, Any], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out |= leaves(value, f"{prefix}{key}.")
+            else:
+                out.add(f"{prefix}{key}")
+        return out
+
+    assert leaves(base_params) == leaves(SCHEMA)
+
+
+# (path, bad value, substrings the message must contain)
+BAD_ROWS = [
+    pytest.param("loss", "hinge", ["loss = 'hinge'", "valid values: bce, focal, mse, ranking"],
+                 id="unknown-loss"),
+    pytest.param("classifier.epochs", -5, ["classifier.epochs = -5", ">= 1"],
+                 id="negative-epochs"),
+    pytest.param("confidnet.epochs", 0, ["confidnet.epochs = 0", ">= 1"], id="zero-epochs"),
+    pytest.param("finetune.epochs", -1, ["finetune.epochs = -1", ">= 0"],
+                 id="negative-finetune-epochs"),
+    pytest.param("classifier.batch_size", 0, ["classifier.batch_size = 0", ">= 1"],
+                 id="zero-batch-size"),
+    pytest.param("baselines.batch_size", 0, ["baselines.batch_size = 0", ">= 1"],
+                 id="zero-mc-batch-size"),
+    pytest.param("dataset", "mnist", ["dataset = 'mnist'", "valid values: digits"],
+                 id="unknown-dataset"),
+    pytest.param("criterion", "tcpr", ["criterion = 'tcpr'", "valid values: tcp, tcp_r"],
+                 id="unknown-criterion"),
+    pytest.param("classifier.model", "resnet", ["classifier.model = 'resnet'",
+                                                "valid values: mlp"], id="unknown-model"),
+    pytest.param("confidnet.train_split", "test", ["confidnet.train_split = 'test'",
+                                                   "valid values: train, val"],
+                 id="unknown-train-split"),
+    pytest.param("device", "gpu", ["device = 'gpu'", "auto, cpu, cuda, cuda:N"],
+                 id="bad-device"),
+    pytest.param("device", "cuda:x", ["device = 'cuda:x'", "cuda:N"], id="bad-device-index"),
+    pytest.param("device", "cuda:", ["device = 'cuda:'", "cuda:N"], id="bad-device-empty"),
+    pytest.param("data.test_fraction", 1.5, ["data.test_fraction = 1.5", "<= 0.9"],
+                 id="fraction-above-range"),
+    pytest.param("data.val_fraction", 0.0, ["data.val_fraction = 0.0", "> 0.0"],
+                 id="fraction-zero"),
+    pytest.param("confidnet.focal_alpha", 1.2, ["confidnet.focal_alpha = 1.2", "<= 1.0"],
+                 id="focal-alpha-above-one"),
+    pytest.param("classifier.dropout", -0.1, ["classifier.dropout = -0.1", ">= 0.0"],
+                 id="negative-dropout"),
+    pytest.param("classifier.lr", 0, ["classifier.lr = 0", "> 0.0"], id="zero-lr"),
+    pytest.param("classifier.hidden", "1000", ["classifier.hidden = '1000'",
+                                               "must be an integer, got str"],
+                 id="string-for-int"),
+    pytest.param("classifier.epochs", 10.5, ["classifier.epochs = 10.5",
+                                             "must be an integer, got float"],
+                 id="float-for-int"),
+    pytest.param("baselines.mc_samples", True, ["baselines.mc_samples = True",
+                                                "not a boolean"], id="bool-for-int"),
+    pytest.param("confidnet.lr", "1e-4", ["confidnet.lr = '1e-4'", "must be a number"],
+                 id="string-for-float"),
+    pytest.param("confidnet.focal_gamma", False, ["confidnet.focal_gamma = False",
+                                                  "not a boolean"], id="bool-for-float"),
+    pytest.param("seed", -1, ["seed = -1", ">= 0"], id="negative-seed"),
+    pytest.param("evaluate.bootstrap_resamples", 10, ["evaluate.bootstrap_resamples = 10",
+                                                      ">= 100"], id="too-few-resamples"),
+    pytest.param("tracking.experiment", 3, ["tracking.experiment = 3", "must be a string"],
+                 id="int-for-string"),
+    pytest.param("losss", "mse", ["losss: unknown key", "did you mean 'loss'?"],
+                 id="unknown-top-level-key"),
+    pytest.param("classifier.epoch", 3, ["classifier.epoch: unknown key", "did you mean",
+                                         "epochs"], id="unknown-nested-key"),
+    pytest.param("classifier.lr", MISSING, ["classifier.lr: missing"], id="missing-key"),
+    pytest.param("criterion", MISSING, ["criterion: missing"], id="missing-top-level-key"),
+    pytest.param("classifier", 5, ["classifier", "must be a mapping", "5"],
+                 id="section-not-a-mapping"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), BAD_ROWS)
+def test_invalid_value_is_reported(base_params, path: str, value: Any,
+                                   expected: list[str]) -> None:
+    params = with_value(base_params, path, value)
+    with pytest.raises(ParamsError) as info:
+        validate(params)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+    # exactly one problem per row (the rest of the file is valid)
+    assert message.count("\n  ") == 1, message
+
+
+def test_params_error_is_a_value_error() -> None:
+    assert issubclass(ParamsError, ValueError)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_valid_devices_pass(base_params, device: str) -> None:
+    validate(with_value(base_params, "device", device))
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("classifier.lr", 1),  # an int where a number is expected is fine
+    ("confidnet.focal_gamma", 0),
+    ("finetune.epochs", 0),  # fine-tuning may be switched off
+    ("data.test_fraction", 0.9),  # upper bound inclusive
+    ("confidnet.focal_alpha", 1.0),
+    ("criterion", "tcp_r"),
+    ("loss", "ranking"),
+    ("confidnet.train_split", "val"),
+])
+def test_boundary_values_pass(base_params, path: str, value: Any) -> None:
+    validate(with_value(base_params, path, value))
+
+
+@pytest.mark.parametrize("path", ["classifier.lr", "data.test_fraction",
+                                  "confidnet.focal_alpha"])
+def test_nan_is_rejected(base_params, path: str) -> None:
+    with pytest.raises(ParamsError, match=re.escape(path)):
+        validate(with_value(base_params, path, float("nan")))
+
+
+def test_every_problem_reported_at_once(base_params) -> None:
+    params = with_value(base_params, "loss", "hinge")
+    params = with_value(params, "classifier.epochs", 0)
+    params = with_value(params, "data.val_fraction", MISSING)
+    params["extra"] = 1
+    with pytest.raises(ParamsError) as info:
+        validate(params)
+    message = str(info.value)
+    for part in ("loss = 'hinge'", "classifier.epochs = 0", "data.val_fraction: missing",
+                 "extra: unknown key"):
+        assert part in message
+    assert message.count("\n  ") == 4
+
+
+def test_validate_does_not_modify_params(base_params) -> None:
+    params = copy.deepcopy(base_params)
+    validate(params)
+    assert params == base_params
+
+
+def test_load_params_from_file(tmp_path: Path, base_params) -> None:
+    good = tmp_path / "params.yaml"
+    good.write_text(yaml.safe_dump(base_params))
+    assert load_params(good) == base_params
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_value(base_params, "loss", "hinge")))
+    with pytest.raises(ParamsError, match="loss = 'hinge'"):
+        load_params(bad)
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ParamsError, match="seed: missing"):
+        load_params(empty)
+
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")

@@ -1,0 +1,481 @@
+"""Unit tests for ``pipeline.metrics``: hand-computed cases, agreement with sklearn and
+with brute-force re-implementations, closed forms, invariances and input validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from pipeline import metrics as M
+
+FAST = settings(max_examples=60, deadline=None, database=None)
+
+# ---------------------------------------------------------------------------------------
+# Hand-computed case A: five samples, no ties.
+#   conf    = 0.9  0.8  0.7  0.6  0.5   (already sorted, most confident first)
+#   correct =  1    0    1    1    0
+# accuracy = 3/5 = 0.6
+# Cumulative errors among the k most confident: 0, 1, 1, 1, 2
+# selective risk(k) = errors/k: 0, 1/2, 1/3, 1/4, 2/5
+# AURC = (1/5) (0 + 1/2 + 1/3 + 1/4 + 2/5) = (1/5)(89/60) = 89/300 ~ 0.29667
+# oracle (3 correct first, then the 2 errors): risk 0,0,0,1/4,2/5 -> (1/4 + 2/5)/5 = 0.13
+# E-AURC = 89/300 - 39/300 = 50/300 = 1/6
+# AUROC (correct = positive): pairs (pos, neg) with pos > neg:
+#   0.9>0.8 y, 0.9>0.5 y, 0.7>0.8 n, 0.7>0.5 y, 0.6>0.8 n, 0.6>0.5 y -> 4/6 = 2/3
+# AUPR-Success (AP, correct positive, by conf desc): hits at ranks 1, 3, 4 with precision
+#   1, 2/3, 3/4, each recall step 1/3 -> (1 + 2/3 + 3/4)/3 = 29/36
+# AUPR-Error (AP, wrong positive, by conf asc): 0.5 (wrong, P=1), 0.6, 0.7, 0.8 (wrong,
+#   P=2/4) -> (1 + 1/2)/2 = 3/4
+# FPR@95TPR: TPR >= 0.95 needs all 3 correct accepted -> threshold 0.6; wrong samples with
+#   conf >= 0.6: only 0.8 -> FPR = 1/2
+# AUGRC: generalised risk (errors/N) at coverage 0, .2, .4, .6, .8, 1: 0, 0, .2, .2, .2, .4
+#   trapezoid: 0 + .2*(0+.2)/2 + .2*.2 + .2*.2 + .2*(.2+.4)/2 = .02+.04+.04+.06 = 0.16
+#   closed form check: (1 - 2/3)*0.6*0.4 + 0.4^2/2 = 0.08 + 0.08 = 0.16
+# ---------------------------------------------------------------------------------------
+CONF_A = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+CORRECT_A = np.array([1, 0, 1, 1, 0])
+EXPECTED_A = {
+    "accuracy": 0.6,
+    "auroc": 2 / 3,
+    "aupr_success": 29 / 36,
+    "aupr_error": 0.75,
+    "fpr_at_95tpr": 0.5,
+    "aurc": 89 / 300,
+    "eaurc": 1 / 6,
+    "augrc": 0.16,
+}
+
+# ---------------------------------------------------------------------------------------
+# Hand-computed case B: six samples with ties (tied scores enter together).
+#   conf    = 0.9 0.9 | 0.7 0.7 0.7 | 0.2
+#   correct =  1   0  |  1   1   0  |  0
+# accuracy = 1/2
+# Risk-coverage points (one per distinct score):
+#   0.9: accepted 2, errors 1 -> coverage 1/3, risk 1/2, generalised risk 1/6
+#   0.7: accepted 5, errors 2 -> coverage 5/6, risk 2/5, generalised risk 1/3
+#   0.2: accepted 6, errors 3 -> coverage 1,   risk 1/2, generalised risk 1/2
+# AURC = 1/3*1/2 + (5/6-1/3)*2/5 + (1-5/6)*1/2 = 1/6 + 1/5 + 1/12 = 27/60 = 0.45
+#   (if ties did NOT enter together, in input order, the risks would be
+#    0, 1/2, 1/3, 1/4, 2/5, 1/2 and AURC = 0.3306: the test tells the two apart)
+# oracle: 3 correct first -> risks at k=4,5,6: 1/4, 2/5, 1/2 -> (1.15)/6 = 23/120
+# E-AURC = 54/120 - 23/120 = 31/120
+# AUGRC trapezoid from (0,0): (1/3)(0+1/6)/2 + (1/2)(1/6+1/3)/2 + (1/6)(1/3+1/2)/2
+#   = 1/36 + 1/8 + 5/72 = (2 + 9 + 5)/72 = 16/72 = 2/9
+# AUROC with ties counted 1/2: pos 0.9 vs neg (0.9, 0.7, 0.2): .5+1+1 = 2.5;
+#   each pos 0.7 vs neg: 0+.5+1 = 1.5 (twice) -> 5.5/9 = 11/18
+#   closed form: (1 - 11/18)*1/4 + 1/8 = 7/72 + 9/72 = 16/72  (holds with ties too)
+# FPR@95TPR: all 3 correct accepted at threshold 0.7; wrong with conf >= 0.7: 0.9, 0.7
+#   -> 2/3
+# ---------------------------------------------------------------------------------------
+CONF_B = np.array([0.9, 0.9, 0.7, 0.7, 0.7, 0.2])
+CORRECT_B = np.array([1, 0, 1, 1, 0, 0])
+
+
+def _nan_equal(a: float, b: float, rel: float = 1e-9) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == pytest.approx(b, rel=rel, abs=1e-12)
+
+
+# ----------------------------------------------------------------- hand-computed cases
+
+
+@pytest.mark.parametrize("name", M.METRIC_NAMES)
+def test_failure_metrics_hand_case_a(name: str) -> None:
+    result = M.failure_metrics(CONF_A, CORRECT_A)
+    assert set(result) == set(M.METRIC_NAMES)
+    assert result[name] == pytest.approx(EXPECTED_A[name], abs=1e-12)
+
+
+def test_individual_functions_match_failure_metrics_case_a() -> None:
+    assert M.aurc(CONF_A, CORRECT_A) == pytest.approx(89 / 300, abs=1e-12)
+    assert M.oracle_aurc(CORRECT_A) == pytest.approx(0.13, abs=1e-12)
+    assert M.eaurc(CONF_A, CORRECT_A) == pytest.approx(1 / 6, abs=1e-12)
+    assert M.augrc(CONF_A, CORRECT_A) == pytest.approx(0.16, abs=1e-12)
+    assert M.fpr_at_95tpr(CONF_A, CORRECT_A) == pytest.approx(0.5, abs=1e-12)
+    assert M.aupr_error(CONF_A, CORRECT_A) == pytest.approx(0.75, abs=1e-12)
+
+
+def test_risk_coverage_curve_case_a_no_ties() -> None:
+    curve = M.risk_coverage_curve(CONF_A, CORRECT_A)
+    np.testing.assert_allclose(curve.coverage, [0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(curve.risk, [0, 1 / 2, 1 / 3, 1 / 4, 2 / 5])
+    np.testing.assert_allclose(curve.generalised_risk, [0, 0.2, 0.2, 0.2, 0.4])
+    np.testing.assert_allclose(curve.threshold, [0.9, 0.8, 0.7, 0.6, 0.5])
+
+
+def test_risk_coverage_curve_ties_enter_together() -> None:
+    curve = M.risk_coverage_curve(CONF_B, CORRECT_B)
+    np.testing.assert_allclose(curve.coverage, [1 / 3, 5 / 6, 1.0])
+    np.testing.assert_allclose(curve.risk, [1 / 2, 2 / 5, 1 / 2])
+    np.testing.assert_allclose(curve.generalised_risk, [1 / 6, 1 / 3, 1 / 2])
+    np.testing.assert_allclose(curve.threshold, [0.9, 0.7, 0.2])
+
+
+def test_tied_metrics_case_b() -> None:
+    assert M.aurc(CONF_B, CORRECT_B) == pytest.approx(0.45, abs=1e-12)
+    assert M.oracle_aurc(CORRECT_B) == pytest.approx(23 / 120, abs=1e-12)
+    assert M.eaurc(CONF_B, CORRECT_B) == pytest.approx(31 / 120, abs=1e-12)
+    assert M.augrc(CONF_B, CORRECT_B) == pytest.approx(2 / 9, abs=1e-12)
+    assert M.fpr_at_95tpr(CONF_B, CORRECT_B) == pytest.approx(2 / 3, abs=1e-12)
+    result = M.failure_metrics(CONF_B, CORRECT_B)
+    assert result["auroc"] == pytest.approx(11 / 18, abs=1e-12)
+    assert result["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tied_metrics_do_not_depend_on_input_order(seed: int) -> None:
+    """Ties enter together, so shuffling samples (which reorders members of a tie group)
+    cannot change anything."""
+    perm = np.random.default_rng(seed).permutation(len(CONF_B))
+    expected = M.failure_metrics(CONF_B, CORRECT_B)
+    shuffled = M.failure_metrics(CONF_B[perm], CORRECT_B[perm])
+    for name in M.METRIC_NAMES:
+        assert _nan_equal(shuffled[name], expected[name]), name
+
+
+def test_fpr_at_95tpr_uses_95_percent_not_100() -> None:
+    # 20 correct predictions scored 99, 98, ..., 80; 4 errors scored 95.5, 80.5, 50, 40.
+    # TPR >= 0.95 first holds with 19/20 = 0.95 correct accepted: threshold 81.
+    # Errors with score >= 81: only 95.5 -> FPR = 1/4.
+    # (Requiring TPR = 1 would move the threshold to 80 and accept 80.5 too: FPR 2/4.)
+    conf = np.r_[np.arange(99, 79, -1), [95.5, 80.5, 50.0, 40.0]].astype(float)
+    correct = np.r_[np.ones(20, int), np.zeros(4, int)]
+    assert M.fpr_at_95tpr(conf, correct) == pytest.approx(0.25, abs=1e-12)
+    assert M.failure_metrics(conf, correct)["fpr_at_95tpr"] == pytest.approx(0.25, abs=1e-12)
+
+
+def test_fpr_at_95tpr_perfect_separation_is_zero() -> None:
+    conf = np.r_[np.linspace(1.0, 0.6, 30), np.linspace(0.5, 0.1, 5)]
+    correct = np.r_[np.ones(30, int), np.zeros(5, int)]
+    assert M.fpr_at_95tpr(conf, correct) == 0.0
+
+
+def test_pr_error_curve_endpoints_and_aupr_error() -> None:
+    precision, recall = M.pr_error_curve(CONF_A, CORRECT_A)
+    assert recall[0] == 1.0 and recall[-1] == 0.0
+    assert precision[-1] == 1.0
+    # AP = sum over recall steps of precision: matches the hand-computed 3/4
+    ap = -np.sum(np.diff(recall) * precision[:-1])
+    assert ap == pytest.approx(0.75, abs=1e-12)
+
+
+def test_accepts_bool_correct_and_list_inputs() -> None:
+    as_bool = M.failure_metrics(list(CONF_A), CORRECT_A.astype(bool))
+    for name in M.METRIC_NAMES:
+        assert as_bool[name] == pytest.approx(EXPECTED_A[name], abs=1e-12)
+
+
+# --------------------------------------------------------------- brute-force references
+
+
+def _brute_aurc(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Accept everything with score >= t, for every distinct t; rectangle rule."""
+    n = len(conf)
+    area, prev_cov = 0.0, 0.0
+    for t in np.unique(conf)[::-1]:
+        accepted = conf >= t
+        cov = accepted.sum() / n
+        risk = np.sum(accepted & (correct == 0)) / accepted.sum()
+        area += (cov - prev_cov) * risk
+        prev_cov = cov
+    return area
+
+
+def _brute_augrc(conf: np.ndarray, correct: np.ndarray) -> float:
+    n = len(conf)
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(conf)[::-1]:
+        accepted = conf >= t
+        xs.append(accepted.sum() / n)
+        ys.append(np.sum(accepted & (correct == 0)) / n)
+    return sum((xs[i] - xs[i - 1]) * (ys[i] + ys[i - 1]) / 2 for i in range(1, len(xs)))
+
+
+def _brute_fpr95(conf: np.ndarray, correct: np.ndarray) -> float:
+    pos, neg = conf[correct == 1], conf[correct == 0]
+    for t in np.unique(conf)[::-1]:  # strictest threshold first
+        if np.sum(pos >= t) / len(pos) >= 0.95:
+            return float(np.mean(neg >= t))
+    raise AssertionError("unreachable: TPR is 1 at the lowest score")
+
+
+def _brute_auroc(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Mann-Whitney: P(conf_correct > conf_wrong) + 1/2 P(tie)."""
+    pos, neg = conf[correct == 1], conf[correct == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+
+
+def _random_case(seed: int, n: int = 200, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    correct = (rng.random(n) < 0.7).astype(int)
+    conf = rng.normal(size=n) + 1.2 * correct
+    if ties:
+        conf = np.round(conf, 1)
+    return conf, correct
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_agreement_with_sklearn_on_random_inputs(seed: int, ties: bool) -> None:
+    conf, correct = _random_case(seed, ties=ties)
+    result = M.failure_metrics(conf, correct)
+    assert result["auroc"] == pytest.approx(roc_auc_score(correct, conf), abs=1e-12)
+    assert result["aupr_success"] == pytest.approx(
+        average_precision_score(correct, conf), abs=1e-12)
+    assert result["aupr_error"] == pytest.approx(
+        average_precision_score(1 - correct, -conf), abs=1e-12)
+    # and with an implementation that shares no code with sklearn
+    assert result["auroc"] == pytest.approx(_brute_auroc(conf, correct), abs=1e-12)
+    assert result["accuracy"] == pytest.approx(correct.mean())
+
+
+scores_and_labels = st.integers(min_value=2, max_value=40).flatmap(
+    lambda n: st.tuples(
+        # small integer grid -> frequent ties
+        st.lists(st.integers(0, 12), min_size=n, max_size=n),
+        st.lists(st.integers(0, 1), min_size=n, max_size=n),
+    )
+)
+
+
+@FAST
+@given(scores_and_labels)
+def test_aurc_augrc_fpr_match_brute_force(case: tuple[list[int], list[int]]) -> None:
+    conf, correct = np.array(case[0], float), np.array(case[1])
+    assert M.aurc(conf, correct) == pytest.approx(_brute_aurc(conf, correct), abs=1e-12)
+    assert M.augrc(conf, correct) == pytest.approx(_brute_augrc(conf, correct), abs=1e-12)
+    if 0 < correct.sum() < len(correct):
+        assert M.fpr_at_95tpr(conf, correct) == pytest.approx(
+            _brute_fpr95(conf, correct), abs=1e-12)
+    else:
+        assert math.isnan(M.fpr_at_95tpr(conf, correct))
+
+
+# ------------------------------------------------------------------------ closed forms
+
+tie_free = st.integers(min_value=2, max_value=60).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.floats(-100, 100, allow_nan=False), min_size=n, max_size=n, unique=True),
+        st.lists(st.integers(0, 1), min_size=n, max_size=n),
+    )
+)
+
+
+@FAST
+@given(tie_free)
+def test_augrc_closed_form_on_tie_free_scores(case: tuple[list[float], list[int]]) -> None:
+    conf, correct = np.array(case[0]), np.array(case[1])
+    assume(0 < correct.sum() < len(correct))
+    acc = correct.mean()
+    auroc = roc_auc_score(correct, conf)
+    expected = (1 - auroc) * acc * (1 - acc) + (1 - acc) ** 2 / 2
+    assert M.augrc(conf, correct) == pytest.approx(expected, abs=1e-12)
+    assert M.failure_metrics(conf, correct)["augrc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_degenerate_augrc_closed_form() -> None:
+    # all wrong: generalised risk = coverage, area 1/2 = (1 - 0)^2 / 2
+    assert M.augrc(np.array([0.3, 0.2, 0.1]), np.zeros(3, int)) == pytest.approx(0.5)
+    # all correct: no error, area 0
+    assert M.augrc(np.array([0.3, 0.2, 0.1]), np.ones(3, int)) == 0.0
+
+
+# ------------------------------------------------------------------------- invariance
+
+with_transform = st.integers(min_value=2, max_value=40).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(0, 15), min_size=n, max_size=n),
+        st.lists(st.integers(0, 1), min_size=n, max_size=n),
+        # positive increments: a random strictly increasing map of the 16 grid values
+        st.lists(st.floats(1e-3, 50.0), min_size=16, max_size=16),
+        st.floats(-1e3, 1e3),
+    )
+)
+
+
+@FAST
+@given(with_transform)
+def test_all_metrics_invariant_to_strictly_increasing_transform(case) -> None:
+    values, correct, steps, offset = case
+    conf = np.array(values, float)
+    correct = np.array(correct)
+    mapping = offset + np.cumsum(steps)  # strictly increasing in the grid value
+    assert np.all(np.diff(mapping) > 0)
+    transformed = mapping[np.array(values)]
+    before = M.failure_metrics(conf, correct)
+    after = M.failure_metrics(transformed, correct)
+    for name in M.METRIC_NAMES:
+        assert _nan_equal(after[name], before[name]), (name, before[name], after[name])
+
+
+def test_strictly_decreasing_transform_changes_the_metrics() -> None:
+    """Guard that the invariance test can fail: reversing the order changes AUROC."""
+    before = M.failure_metrics(CONF_A, CORRECT_A)
+    after = M.failure_metrics(-CONF_A, CORRECT_A)
+    assert after["auroc"] == pytest.approx(1 - before["auroc"])
+    assert after["aurc"] != pytest.approx(before["aurc"])
+
+
+# ---------------------------------------------------------------------------- E-AURC
+
+
+@pytest.mark.parametrize("correct", [[1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1, 0, 1, 0]])
+def test_eaurc_zero_for_perfect_ranking(correct: list[int]) -> None:
+    correct_arr = np.array(correct)
+    # every correct prediction above every error, distinct scores
+    conf = correct_arr * 10.0 + np.arange(len(correct_arr)) * 0.01
+    assert M.eaurc(conf, correct_arr) == pytest.approx(0.0, abs=1e-12)
+    assert M.aurc(conf, correct_arr) == pytest.approx(M.oracle_aurc(correct_arr), abs=1e-12)
+    # and the worst ranking is strictly worse
+    assert M.eaurc(-conf, correct_arr) > 0.01
+
+
+@FAST
+@given(scores_and_labels)
+def test_eaurc_non_negative(case: tuple[list[int], list[int]]) -> None:
+    conf, correct = np.array(case[0], float), np.array(case[1])
+    assert M.eaurc(conf, correct) >= -1e-12
+
+
+@pytest.mark.parametrize("error_rate", [0.05, 0.2, 0.5])
+def test_oracle_aurc_tends_to_closed_form_for_large_n(error_rate: float) -> None:
+    n = 20_000
+    n_err = round(error_rate * n)
+    correct = np.r_[np.ones(n - n_err, int), np.zeros(n_err, int)]
+    conf = -np.arange(n, dtype=float)  # perfect ranking, no ties
+    r = error_rate
+    closed = r + (1 - r) * math.log(1 - r)
+    assert M.aurc(conf, correct) == pytest.approx(closed, abs=1e-3)
+    assert M.oracle_aurc(correct) == pytest.approx(closed, abs=1e-3)
+    # E-AURC of a random ranking ~ AURC minus the closed form
+    rng = np.random.default_rng(0)
+    random_conf = rng.random(n)
+    assert M.eaurc(random_conf, correct) == pytest.approx(
+        M.aurc(random_conf, correct) - closed, abs=1e-3)
+
+
+# ------------------------------------------------------------------- degenerate inputs
+
+
+@pytest.mark.parametrize("value", [0, 1])
+def test_all_correct_or_all_wrong(value: int) -> None:
+    conf = np.array([0.9, 0.5, 0.5, 0.1])
+    correct = np.full(4, value)
+    result = M.failure_metrics(conf, correct)
+    for name in ("auroc", "aupr_success", "aupr_error", "fpr_at_95tpr"):
+        assert math.isnan(result[name]), name
+    assert math.isnan(M.fpr_at_95tpr(conf, correct))
+    assert math.isnan(M.aupr_error(conf, correct))
+    assert result["accuracy"] == value
+    if value == 1:  # no error anywhere: every risk is 0
+        assert (result["aurc"], result["eaurc"], result["augrc"]) == (0.0, 0.0, 0.0)
+    else:  # every prediction wrong: risk 1 everywhere; any ranking is the oracle
+        assert result["aurc"] == pytest.approx(1.0)
+        assert result["eaurc"] == pytest.approx(0.0, abs=1e-12)
+        assert result["augrc"] == pytest.approx(0.5)
+
+
+def test_constant_scores_are_defined() -> None:
+    conf = np.full(4, 0.3)
+    correct = np.array([1, 0, 1, 1])
+    result = M.failure_metrics(conf, correct)
+    assert result["auroc"] == pytest.approx(0.5)
+    assert result["aurc"] == pytest.approx(0.25)  # one point: coverage 1, risk 1/4
+    assert result["fpr_at_95tpr"] == pytest.approx(1.0)  # must accept everything
+    assert result["augrc"] == pytest.approx(0.125)  # (0,0) -> (1, 1/4)
+
+
+def test_single_sample() -> None:
+    result = M.failure_metrics(np.array([0.4]), np.array([0]))
+    assert result["aurc"] == 1.0 and math.isnan(result["auroc"])
+
+
+BAD_INPUTS = [
+    pytest.param(np.array([]), np.array([]), "empty", id="empty"),
+    pytest.param(np.array([0.1, 0.2, 0.3]), np.array([1, 0]), "3 samples.*2", id="mismatch"),
+    pytest.param(np.array([0.1, np.nan, 0.3]), np.array([1, 0, 1]), "NaN", id="nan"),
+    pytest.param(np.array([0.1, np.inf, 0.3]), np.array([1, 0, 1]), "infinite", id="inf"),
+    pytest.param(np.array([0.1, -np.inf]), np.array([1, 0]), "infinite", id="-inf"),
+    pytest.param(np.array([0.1, 0.2, 0.3]), np.array([1, 2, 0]), "0/1", id="non-binary-2"),
+    pytest.param(np.array([0.1, 0.2]), np.array([0.5, 1.0]), "0/1", id="non-binary-half"),
+    pytest.param(np.array([0.1, 0.2]), np.array([-1, 1]), "0/1", id="non-binary-neg"),
+]
+
+ALL_FUNCTIONS = [M.failure_metrics, M.aurc, M.eaurc, M.augrc, M.fpr_at_95tpr,
+                 M.risk_coverage_curve, M.aupr_error, M.pr_error_curve, M.check_inputs]
+
+
+@pytest.mark.parametrize("fn", ALL_FUNCTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(("conf", "correct", "message"), BAD_INPUTS)
+def test_bad_inputs_raise_value_error_naming_the_problem(fn, conf, correct, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        fn(conf, correct)
+
+
+@pytest.mark.parametrize(("conf", "correct", "message"), BAD_INPUTS)
+def test_paired_bootstrap_validates_inputs(conf, correct, message) -> None:
+    good = np.linspace(0, 1, len(conf)) if len(conf) else conf
+    with pytest.raises(ValueError, match=message):
+        M.paired_bootstrap(conf, good, correct, M.aurc, resamples=10, seed=0)
+
+
+# -------------------------------------------------------------------- paired bootstrap
+
+
+def _bootstrap_case(n: int = 150) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    correct = (rng.random(n) < 0.75).astype(int)
+    informative = rng.normal(size=n) + 2.0 * correct
+    noisy = rng.normal(size=n) + 0.3 * correct
+    return informative, noisy, correct
+
+
+def test_paired_bootstrap_deterministic_given_seed() -> None:
+    a, b, correct = _bootstrap_case()
+    first = M.paired_bootstrap(a, b, correct, M.aurc, resamples=200, seed=3)
+    second = M.paired_bootstrap(a, b, correct, M.aurc, resamples=200, seed=3)
+    other = M.paired_bootstrap(a, b, correct, M.aurc, resamples=200, seed=4)
+    assert first == second
+    assert first[0] == other[0]  # observed difference does not depend on the seed
+    assert (first[1], first[2]) != (other[1], other[2])
+
+
+def test_paired_bootstrap_interval_contains_observed_difference() -> None:
+    a, b, correct = _bootstrap_case()
+    observed, low, high = M.paired_bootstrap(a, b, correct, M.aurc, resamples=300, seed=0)
+    assert observed == pytest.approx(M.aurc(a, correct) - M.aurc(b, correct))
+    assert low <= observed <= high
+    assert low < high
+    # the informative score is clearly better (lower AURC): the interval excludes 0
+    assert high < 0
+
+
+def test_paired_bootstrap_identical_scores_zero_difference() -> None:
+    a, _, correct = _bootstrap_case()
+    assert M.paired_bootstrap(a, a.copy(), correct, M.aurc, resamples=100, seed=0) == (
+        0.0, 0.0, 0.0)
+
+
+def test_paired_bootstrap_drops_undefined_resamples() -> None:
+    # one error among 12: many resamples draw no error, where AUPR-Error is NaN
+    conf_a = np.linspace(1.0, 0.0, 12)
+    conf_b = conf_a[::-1].copy()
+    correct = np.r_[np.ones(11, int), [0]]
+    observed, low, high = M.paired_bootstrap(conf_a, conf_b, correct, M.aupr_error,
+                                             resamples=100, seed=1)
+    assert observed == pytest.approx(1.0 - 1 / 12)
+    assert np.isfinite(low) and np.isfinite(high)
+
+
+def test_paired_bootstrap_all_resamples_undefined_gives_nan_interval() -> None:
+    conf = np.array([0.2, 0.4, 0.6])
+    observed, low, high = M.paired_bootstrap(conf, conf[::-1].copy(), np.ones(3, int),
+                                             M.aupr_error, resamples=20, seed=0)
+    assert math.isnan(observed) and math.isnan(low) and math.isnan(high)
