@@ -4,8 +4,19 @@ Each function takes a :class:`ScoringContext` and returns one score per sample o
 split being scored. Adding a baseline is one registered function (and its test).
 
 - ``mcp``        maximum class probability (Hendrycks & Gimpel 2017; paper's baseline).
+- ``mcp_temperature`` MCP of softmax(logits / T), T > 0 fitted on the *validation*
+                 split by minimising its NLL (temperature scaling, Guo et al. 2017).
+                 Same predictions as MCP; same ranking only for K = 2 (see
+                 :func:`mcp_temperature`).
+- ``entropy``    negative predictive entropy of the softmax, sum_k p_k log p_k.
+- ``max_logit``  the maximum logit, max_k z_k (Hendrycks et al. 2022, "Scaling OOD").
+- ``energy``     negative free energy T logsumexp(z / T), T = 1 (Liu et al. 2020).
+- ``doctor``     -D_alpha of DOCTOR (Granese et al. 2021) at temperature 1 without
+                 input perturbation: g = 1 - sum_k p_k^2, D_alpha = g / (1 - g).
 - ``mc_dropout`` T stochastic passes with dropout on (batch-norm in eval), negative
                  entropy of the mean softmax (Gal & Ghahramani 2016; paper Sec. 3.2).
+- ``mc_dropout_mutual_information`` the negative mutual information (BALD, Houlsby et
+                 al. 2011) of the *same* passes: -(H[mean p_t] - mean H[p_t]).
 - ``trustscore`` Jiang et al. 2018 as in their reference code with alpha = 0 (no
                  filtering): per-class nearest-neighbour indexes over the *training*
                  penultimate features; the distance to a class is the distance to its 2nd
@@ -18,10 +29,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
 
 from pipeline.losses import true_class_probability
 from pipeline.models import Classifier, enable_mc_dropout
@@ -30,7 +44,11 @@ from pipeline.registry import Registry
 
 @dataclass
 class ScoringContext:
-    """What a scoring function may read for one split."""
+    """What a scoring function may read for one split.
+
+    ``val_logits`` / ``val_labels`` are the *validation* split's, whatever split is being
+    scored: the methods that fit something (``mcp_temperature``) fit it there.
+    """
 
     logits: np.ndarray  # (N, K) of the frozen classifier
     labels: np.ndarray  # (N,)
@@ -42,10 +60,26 @@ class ScoringContext:
     device: torch.device | str = "cpu"
     seed: int = 0
     params: dict[str, Any] | None = None
+    val_logits: np.ndarray | None = None  # (N_val, K)
+    val_labels: np.ndarray | None = None  # (N_val,)
 
     @property
     def predictions(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
+
+    @cached_property
+    def mc_dropout_samples(self) -> torch.Tensor:
+        """Softmax of the MC Dropout passes, (samples, N, K), computed once per context
+        so every MC Dropout scorer reads the same passes. Settings from ``params``
+        (``mc_samples``, default 50; ``batch_size``, default 4096) and ``seed``; do not
+        change them on a context after the first read."""
+        if self.classifier is None or self.inputs is None:
+            raise ValueError("MC Dropout needs the classifier and the split's inputs")
+        cfg = self.params or {}
+        return mc_dropout_probabilities(
+            self.classifier, self.inputs, samples=cfg.get("mc_samples", 50),
+            batch_size=cfg.get("batch_size", 4096), device=self.device, seed=self.seed,
+        )
 
 
 Scorer = Callable[[ScoringContext], np.ndarray]
@@ -65,6 +99,111 @@ def maximum_class_probability(ctx: ScoringContext) -> np.ndarray:
 def tcp_oracle(ctx: ScoringContext) -> np.ndarray:
     probs = torch.as_tensor(softmax(ctx.logits))
     return true_class_probability(probs, torch.as_tensor(ctx.labels)).numpy()
+
+
+# -------------------------------------------------------------------- logit-based scores
+
+
+def negative_entropy(probs: np.ndarray) -> np.ndarray:
+    return np.sum(probs * np.log(np.clip(probs, 1e-12, None)), axis=-1)
+
+
+@SCORERS.register("entropy")
+def entropy(ctx: ScoringContext) -> np.ndarray:
+    """Negative Shannon entropy of the softmax, sum_k p_k log p_k (in nats, <= 0)."""
+    return negative_entropy(softmax(ctx.logits))
+
+
+@SCORERS.register("max_logit")
+def max_logit(ctx: ScoringContext) -> np.ndarray:
+    """max_k z_k (MaxLogit, Hendrycks et al. 2022), as float64."""
+    return np.asarray(ctx.logits, dtype=np.float64).max(axis=1)
+
+
+ENERGY_TEMPERATURE = 1.0
+
+
+@SCORERS.register("energy")
+def energy(ctx: ScoringContext) -> np.ndarray:
+    """Negative free energy -E(x) = T logsumexp_k(z_k / T), T = 1 (Liu et al. 2020,
+    "Energy-based Out-of-distribution Detection": E(x) = -T logsumexp_k(z_k / T), its
+    sign flipped so that higher = more confident)."""
+    t = ENERGY_TEMPERATURE
+    return t * logsumexp(np.asarray(ctx.logits, dtype=np.float64) / t, axis=1)
+
+
+@SCORERS.register("doctor")
+def doctor(ctx: ScoringContext) -> np.ndarray:
+    """-D_alpha of DOCTOR (Granese et al. 2021, "DOCTOR: A Simple Method for Detecting
+    Misclassification Errors"): g(x) = 1 - sum_k p_k^2 (the Gini impurity of the
+    softmax), D_alpha(x) = g(x) / (1 - g(x)); an error is flagged when D_alpha is large,
+    so the confidence is -D_alpha = 1 - 1 / sum_k p_k^2, in [1 - K, 0].
+
+    Choices: temperature 1 and no input perturbation (epsilon = 0), the paper's
+    black-box setting: it tunes both per dataset on held-out data, and the perturbation
+    needs input gradients of the classifier. The value is the paper's -D_alpha itself,
+    not the order-equivalent sum_k p_k^2.
+    """
+    purity = np.sum(softmax(ctx.logits) ** 2, axis=1)  # 1 - g, >= 1/K > 0
+    return -(1.0 - purity) / purity
+
+
+# ------------------------------------------------------------------- temperature scaling
+
+TEMPERATURE_BOUNDS = (1e-2, 1e2)
+
+
+def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of ``labels`` under softmax(logits / temperature)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    rows = np.arange(len(scaled))
+    return float(np.mean(logsumexp(scaled, axis=1) - scaled[rows, np.asarray(labels)]))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray,
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """The T > 0 minimising :func:`temperature_nll` (Guo et al. 2017, Sec. 4.2).
+
+    Bounded Brent search over log T in ``bounds``. The NLL is convex in 1 / T, hence
+    unimodal in log T, so the search finds the global minimum inside the bounds. When
+    the validation split has no error the NLL keeps decreasing as T -> 0 and the fit
+    stops at the lower bound.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or len(logits) == 0 or len(labels) != len(logits):
+        raise ValueError(
+            f"temperature scaling needs (N, K) logits and N labels with N > 0; got "
+            f"logits {logits.shape} and labels {labels.shape}"
+        )
+    result = minimize_scalar(
+        lambda log_t: temperature_nll(logits, labels, float(np.exp(log_t))),
+        bounds=(float(np.log(bounds[0])), float(np.log(bounds[1]))), method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(np.exp(result.x))
+
+
+@SCORERS.register("mcp_temperature")
+def mcp_temperature(ctx: ScoringContext) -> np.ndarray:
+    """MCP of softmax(logits / T), T fitted on the validation split (Guo et al. 2017).
+
+    T > 0 leaves every prediction unchanged. For K = 2 the MCP is sigmoid(|z_1 - z_2|
+    / T), a monotone function of the margin, so the ranking and AUROC are those of MCP.
+    For K > 2 the MCP depends on all the gaps to the top logit and T weighs them
+    differently, so the ranking across samples, and the AUROC, can change (in either
+    direction; usually slightly). Very small T saturates many scores to 1.0 in float64.
+    """
+    if ctx.val_logits is None or ctx.val_labels is None:
+        raise ValueError(
+            "mcp_temperature needs the validation split's logits and labels "
+            "(ScoringContext.val_logits / val_labels) to fit the temperature"
+        )
+    temperature = fit_temperature(ctx.val_logits, ctx.val_labels)
+    return softmax(np.asarray(ctx.logits, dtype=np.float64) / temperature).max(axis=1)
+
+
+# ---------------------------------------------------------------------------- MC Dropout
 
 
 @torch.no_grad()
@@ -101,20 +240,23 @@ def mc_dropout_probabilities(
         torch.random.set_rng_state(generator_state)
 
 
-def negative_entropy(probs: np.ndarray) -> np.ndarray:
-    return np.sum(probs * np.log(np.clip(probs, 1e-12, None)), axis=-1)
-
-
 @SCORERS.register("mc_dropout")
 def mc_dropout(ctx: ScoringContext) -> np.ndarray:
-    if ctx.classifier is None or ctx.inputs is None:
-        raise ValueError("mc_dropout needs the classifier and the split's inputs")
-    cfg = ctx.params or {}
-    probs = mc_dropout_probabilities(
-        ctx.classifier, ctx.inputs, samples=cfg.get("mc_samples", 50),
-        batch_size=cfg.get("batch_size", 4096), device=ctx.device, seed=ctx.seed,
-    )
-    return negative_entropy(probs.mean(0).double().numpy())
+    """Negative entropy of the mean softmax of the passes (Gal & Ghahramani 2016)."""
+    return negative_entropy(ctx.mc_dropout_samples.mean(0).double().numpy())
+
+
+@SCORERS.register("mc_dropout_mutual_information")
+def mc_dropout_mutual_information(ctx: ScoringContext) -> np.ndarray:
+    """Negative mutual information between the prediction and the dropout masks (BALD,
+    Houlsby et al. 2011; Gal et al. 2017): MI = H[mean_t p_t] -
+    mean_t H[p_t] >= 0, over the same passes as ``mc_dropout``. Returns -MI, <= 0 up to
+    rounding."""
+    probs = ctx.mc_dropout_samples.double().numpy()
+    return negative_entropy(probs.mean(0)) - negative_entropy(probs).mean(0)
+
+
+# ---------------------------------------------------------------------------- TrustScore
 
 
 def second_neighbour_distances(

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 # Display order and names of the methods in every table.
 METHOD_LABELS: dict[str, str] = {
     "mcp": "MCP (baseline)",
+    "mcp_temperature": "MCP, temperature-scaled",
+    "entropy": "Entropy",
+    "max_logit": "Max logit",
+    "energy": "Energy",
+    "doctor": "DOCTOR",
     "mc_dropout": "MC Dropout",
+    "mc_dropout_mutual_information": "MC Dropout, mutual information",
     "trustscore": "TrustScore",
     "confidnet": "ConfidNet, phase 1",
     "confidnet_finetuned": "ConfidNet, fine-tuned",

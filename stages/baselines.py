@@ -1,5 +1,7 @@
 """Stage 6: every registered scoring function (MCP, MC Dropout, TrustScore, the TCP
-oracle, ...) on the validation and test splits, one file per method."""
+oracle, ...) on the validation and test splits, one file per method. Every context
+carries the validation logits and labels, for the methods fitted there (temperature
+scaling)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import BASELINE_SCORES, CLASSIFIER, DATA
-from pipeline.baselines import SCORERS, ScoringContext
+from pipeline.baselines import SCORERS, ScoringContext, fit_temperature
 from pipeline.data import load_dataset
 from pipeline.features import load_features
 from pipeline.io import atomic_write_npz
@@ -25,6 +27,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     classifier.load_state_dict(torch.load(CLASSIFIER, map_location="cpu", weights_only=True))
     classifier.to(device)
     train = load_features("train")
+    val = load_features("val")
     contexts = {}
     for split in ("val", "test"):
         feats = load_features(split)
@@ -32,12 +35,13 @@ def body(params: dict[str, Any], run: StageRun) -> None:
             logits=feats.logits, labels=feats.labels, features=feats.features,
             train_features=train.features, train_labels=train.labels, classifier=classifier,
             inputs=dataset[split].x, device=device, seed=params["seed"],
-            params=params["baselines"],
+            params=params["baselines"], val_logits=val.logits, val_labels=val.labels,
         )
     for name, scorer in SCORERS.items():
         scores = {split: scorer(ctx) for split, ctx in contexts.items()}
         atomic_write_npz(BASELINE_SCORES / f"{name}.npz", **scores)
-    run.log_metrics({"methods": len(SCORERS.names())})
+    run.log_metrics({"methods": len(SCORERS.names()),
+                     "temperature": fit_temperature(val.logits, val.labels)})
 
 
 if __name__ == "__main__":

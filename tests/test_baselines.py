@@ -1,21 +1,29 @@
-"""Unit tests for ``pipeline.baselines``: MCP, the TCP oracle, TrustScore against a
-brute-force computation, and MC Dropout (stochastic, seeded, batched, mode-preserving)."""
+"""Unit tests for ``pipeline.baselines``: MCP, the TCP oracle, the logit-based scores
+(entropy, max logit, energy, DOCTOR), temperature-scaled MCP, TrustScore against a
+brute-force computation, and MC Dropout (stochastic, seeded, batched, mode-preserving;
+entropy and mutual information from one set of passes)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from pipeline.baselines import (
     SCORERS,
     ScoringContext,
+    fit_temperature,
     mc_dropout,
+    mc_dropout_mutual_information,
     mc_dropout_probabilities,
+    mcp_temperature,
     negative_entropy,
     second_neighbour_distances,
     softmax,
+    temperature_nll,
 )
+from pipeline.methods import CHALLENGERS, METHOD_LABELS, ORACLES, ordered_methods
 from pipeline.models import MLP
 
 
@@ -37,7 +45,20 @@ def _np_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def test_registry_names() -> None:
-    assert SCORERS.names() == ["mc_dropout", "mcp", "tcp_oracle", "trustscore"]
+    assert SCORERS.names() == [
+        "doctor", "energy", "entropy", "max_logit", "mc_dropout",
+        "mc_dropout_mutual_information", "mcp", "mcp_temperature", "tcp_oracle", "trustscore",
+    ]
+
+
+def test_every_scorer_has_a_label_in_display_order() -> None:
+    assert set(SCORERS.names()) | set(CHALLENGERS) == set(METHOD_LABELS)
+    assert ordered_methods(list(METHOD_LABELS)[::-1]) == [
+        "mcp", "mcp_temperature", "entropy", "max_logit", "energy", "doctor", "mc_dropout",
+        "mc_dropout_mutual_information", "trustscore", "confidnet", "confidnet_finetuned",
+        "tcp_oracle",
+    ]
+    assert ORACLES == ("tcp_oracle",)
 
 
 # ----------------------------------------------------------------------- MCP, TCP oracle
@@ -76,6 +97,167 @@ def test_softmax_is_float64_and_stable() -> None:
     probs = softmax(np.array([[1000.0, 0.0], [-1000.0, -1000.0]], dtype=np.float32))
     assert probs.dtype == np.float64
     np.testing.assert_allclose(probs, [[1.0, 0.0], [0.5, 0.5]])
+
+
+# ------------------------------------------------- entropy, max logit, energy, DOCTOR
+
+
+def test_entropy_hand_values() -> None:
+    # uniform over 3 -> -ln 3; [0, ln 3] -> [1/4, 3/4]; one class dominating -> ~0
+    logits = np.array([[0.0, 0.0, 0.0], [0.0, np.log(3.0), -np.inf], [1000.0, 0.0, 0.0]])
+    expected = [-np.log(3.0), 0.25 * np.log(0.25) + 0.75 * np.log(0.75), 0.0]
+    scores = SCORERS["entropy"](_context(logits, np.zeros(3, dtype=np.int64)))
+    np.testing.assert_allclose(scores, expected, atol=1e-12)
+    assert scores.dtype == np.float64
+
+
+def test_entropy_random_matches_numpy() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(scale=3.0, size=(30, 5)).astype(np.float32)
+    p = _np_softmax(logits.astype(np.float64))
+    scores = SCORERS["entropy"](_context(logits, rng.integers(0, 5, 30)))
+    np.testing.assert_allclose(scores, np.sum(p * np.log(p), axis=1), rtol=1e-10)
+    assert np.all(scores <= 0) and np.all(scores >= -np.log(5) - 1e-12)
+
+
+def test_max_logit() -> None:
+    logits = np.array([[1.5, -2.0, 0.5], [-3.0, -1.0, -7.0]], dtype=np.float32)
+    scores = SCORERS["max_logit"](_context(logits, np.zeros(2, dtype=np.int64)))
+    np.testing.assert_array_equal(scores, [1.5, -1.0])
+    assert scores.dtype == np.float64
+
+
+def test_energy_hand_values_and_stability() -> None:
+    # logsumexp of [0, 0] = ln 2; of [0, ln 2, ln 3] = ln 6; huge logits do not overflow
+    logits = np.array([[0.0, 0.0, -np.inf], [0.0, np.log(2.0), np.log(3.0)],
+                       [1000.0, 1000.0, -1000.0]])
+    scores = SCORERS["energy"](_context(logits, np.zeros(3, dtype=np.int64)))
+    np.testing.assert_allclose(scores, [np.log(2.0), np.log(6.0), 1000.0 + np.log(2.0)],
+                               rtol=1e-12)
+
+
+def test_energy_is_shift_equivariant_and_above_max_logit() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=2.0, size=(20, 4))
+    labels = np.zeros(20, dtype=np.int64)
+    energy = SCORERS["energy"](_context(logits, labels))
+    np.testing.assert_allclose(SCORERS["energy"](_context(logits + 5.0, labels)), energy + 5.0)
+    max_logit = SCORERS["max_logit"](_context(logits, labels))
+    assert np.all(energy > max_logit) and np.all(energy <= max_logit + np.log(4) + 1e-12)
+
+
+def test_doctor_hand_values() -> None:
+    # [0, ln 3] -> p = [1/4, 3/4]: sum p^2 = 5/8, g = 3/8, D_alpha = (3/8) / (5/8) = 3/5.
+    # uniform over 4: sum p^2 = 1/4, g = 3/4, D_alpha = 3 (the minimum confidence 1 - K).
+    # one class dominating: g -> 0, D_alpha -> 0.
+    logits = np.array([[0.0, np.log(3.0), -np.inf, -np.inf], [0.0, 0.0, 0.0, 0.0],
+                       [1000.0, 0.0, 0.0, 0.0]])
+    scores = SCORERS["doctor"](_context(logits, np.zeros(3, dtype=np.int64)))
+    np.testing.assert_allclose(scores, [-0.6, -3.0, 0.0], atol=1e-12)
+
+
+def test_doctor_is_monotone_in_squared_norm_of_softmax() -> None:
+    rng = np.random.default_rng(4)
+    logits = rng.normal(scale=3.0, size=(50, 6))
+    scores = SCORERS["doctor"](_context(logits, rng.integers(0, 6, 50)))
+    purity = np.sum(_np_softmax(logits) ** 2, axis=1)
+    np.testing.assert_allclose(scores, 1.0 - 1.0 / purity, rtol=1e-10)
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(purity))
+    assert np.all(scores <= 0) and np.all(scores >= 1 - 6 - 1e-12)
+
+
+# --------------------------------------------------------------- temperature-scaled MCP
+
+
+def _calibrated(n: int, k: int, seed: int, scale: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn from softmax(logits): calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=scale, size=(n, k))
+    p = _np_softmax(logits)
+    labels = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    return logits, labels
+
+
+def test_fit_temperature_recovers_overconfidence_and_lowers_nll() -> None:
+    logits, labels = _calibrated(4000, 5, seed=0)
+    overconfident = 3.0 * logits  # the true temperature is 3
+    t = fit_temperature(overconfident, labels)
+    assert 2.7 < t < 3.3, t
+    nll_fitted = temperature_nll(overconfident, labels, t)
+    assert nll_fitted < temperature_nll(overconfident, labels, 1.0) - 0.1
+    # a minimum: nearby temperatures are no better
+    for other in (0.9 * t, 1.1 * t):
+        assert temperature_nll(overconfident, labels, other) >= nll_fitted
+    # an underconfident classifier gets T < 1
+    assert 0.4 < fit_temperature(0.5 * logits, labels) < 0.6
+
+
+def test_fit_temperature_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="temperature"):
+        fit_temperature(np.zeros((4, 3)), np.zeros(3, dtype=np.int64))
+
+
+def test_mcp_temperature_uses_the_validation_fit() -> None:
+    val_logits, val_labels = _calibrated(2000, 4, seed=1)
+    val_logits = 2.5 * val_logits
+    logits, labels = _calibrated(30, 4, seed=2)
+    ctx = _context(logits, labels, val_logits=val_logits, val_labels=val_labels)
+    t = fit_temperature(val_logits, val_labels)
+    scores = mcp_temperature(ctx)
+    np.testing.assert_allclose(scores, _np_softmax(logits / t).max(axis=1), rtol=1e-10)
+    # fitted on the validation split: the scored split's labels play no part
+    shuffled = _context(logits, labels[::-1].copy(), val_logits=val_logits,
+                        val_labels=val_labels)
+    np.testing.assert_array_equal(SCORERS["mcp_temperature"](shuffled), scores)
+    # T > 1 here: less confident than MCP, same predictions
+    assert t > 1 and np.all(scores < SCORERS["mcp"](ctx))
+    assert np.array_equal(_np_softmax(logits / t).argmax(1), logits.argmax(1))
+
+
+def test_mcp_temperature_needs_validation_logits() -> None:
+    ctx = _context(np.zeros((2, 3)), np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="validation"):
+        mcp_temperature(ctx)
+    ctx = _context(np.zeros((2, 3)), np.zeros(2, dtype=np.int64), val_logits=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="val_labels"):
+        mcp_temperature(ctx)
+
+
+@pytest.mark.parametrize("val_scale", [0.5, 3.0])  # fitted T < 1 and T > 1
+def test_mcp_temperature_keeps_mcp_auroc_for_two_classes(val_scale: float) -> None:
+    # K = 2: MCP = sigmoid(|z_1 - z_2| / T), a strictly increasing function of the margin
+    # for any T > 0, so the ranking, hence the AUROC, is exactly MCP's. (Logits moderate
+    # enough that no score saturates to 1.0 in float64, which would create ties.)
+    val_logits, val_labels = _calibrated(1000, 2, seed=5)
+    logits, labels = _calibrated(300, 2, seed=6)
+    correct = (logits.argmax(1) == labels).astype(int)
+    ctx = _context(logits, labels, val_logits=val_scale * val_logits, val_labels=val_labels)
+    scaled = mcp_temperature(ctx)
+    mcp = SCORERS["mcp"](ctx)
+    assert not np.allclose(scaled, mcp)
+    np.testing.assert_array_equal(np.argsort(scaled, kind="stable"),
+                                  np.argsort(mcp, kind="stable"))
+    assert roc_auc_score(correct, scaled) == roc_auc_score(correct, mcp)
+
+
+def test_mcp_temperature_can_change_the_ranking_for_three_classes() -> None:
+    # K > 2: MCP = 1 / (1 + sum_{j != top} exp(-gap_j / T)) depends on every gap to the
+    # top logit, and T weighs them differently, so temperature scaling is NOT
+    # rank-preserving across samples and can change MCP's AUROC. Here a has gaps (1, 1)
+    # and b gaps (0.6, 50): a is the more confident iff 2 exp(-1/T) < exp(-0.6/T), i.e.
+    # T < 0.4 / ln 2 ~ 0.577. With a correct and b wrong, AUROC goes from 0 to 1.
+    # (On random 10-class logits the change is typically ~1e-2 or less, not 0.)
+    val_logits, val_labels = _calibrated(2000, 3, seed=7)
+    logits = np.array([[0.0, -1.0, -1.0], [0.0, -0.6, -50.0]])
+    labels = np.array([0, 1])  # a correct, b wrong
+    ctx = _context(logits, labels, val_logits=0.3 * val_logits, val_labels=val_labels)
+    assert fit_temperature(ctx.val_logits, ctx.val_labels) < 0.5
+    mcp, scaled = SCORERS["mcp"](ctx), mcp_temperature(ctx)
+    assert mcp[0] < mcp[1] and scaled[0] > scaled[1]
+    correct = np.array([1, 0])
+    assert roc_auc_score(correct, mcp) == 0.0 and roc_auc_score(correct, scaled) == 1.0
 
 
 # ---------------------------------------------------------------------------- TrustScore
@@ -254,6 +436,68 @@ def test_mc_dropout_scorer_needs_classifier_and_inputs() -> None:
     ctx = _context(np.zeros((2, 3)), np.zeros(2, dtype=np.int64))
     with pytest.raises(ValueError, match="classifier"):
         mc_dropout(ctx)
+
+
+def _mc_context(clf: MLP, x: torch.Tensor, samples: int = 7, seed: int = 3) -> ScoringContext:
+    logits = np.random.default_rng(0).normal(size=(len(x), 3))
+    return _context(logits, np.zeros(len(x), dtype=np.int64), classifier=clf, inputs=x,
+                    seed=seed, params={"mc_samples": samples, "batch_size": 64})
+
+
+def test_mc_dropout_mutual_information_matches_bald() -> None:
+    clf, x = _mlp(), _inputs(10)
+    ctx = _mc_context(clf, x)
+    scores = mc_dropout_mutual_information(ctx)
+    probs = mc_dropout_probabilities(clf, x, samples=7, batch_size=64, seed=3).double().numpy()
+    mean = probs.mean(0)
+    entropy_of_mean = -np.sum(mean * np.log(mean), axis=1)
+    mean_entropy = -np.sum(probs * np.log(probs), axis=2).mean(0)
+    np.testing.assert_allclose(scores, -(entropy_of_mean - mean_entropy), rtol=1e-9)
+    assert scores.shape == (10,)
+    assert np.all(scores <= 1e-12) and np.any(scores < -1e-4)  # MI >= 0 (Jensen)
+    # deterministic for a seed, also on a fresh context
+    np.testing.assert_array_equal(SCORERS["mc_dropout_mutual_information"](_mc_context(clf, x)),
+                                  scores)
+
+
+def test_mc_dropout_mutual_information_hand_case() -> None:
+    # two passes that disagree completely: H(mean) = ln 2, mean H = 0 -> MI = ln 2;
+    # two passes that agree on [1/2, 1/2]: MI = 0, though the mean's entropy is ln 2 too.
+    ctx = _context(np.zeros((2, 2)), np.zeros(2, dtype=np.int64))
+    ctx.mc_dropout_samples = torch.tensor([[[1.0, 0.0], [0.5, 0.5]],
+                                           [[0.0, 1.0], [0.5, 0.5]]])
+    np.testing.assert_allclose(mc_dropout_mutual_information(ctx), [-np.log(2), 0.0],
+                               atol=1e-12)
+    np.testing.assert_allclose(mc_dropout(ctx), [-np.log(2), -np.log(2)], atol=1e-12)
+
+
+def test_mc_dropout_mutual_information_is_zero_without_dropout() -> None:
+    scores = mc_dropout_mutual_information(_mc_context(_mlp(dropout=0.0), _inputs(10)))
+    np.testing.assert_allclose(scores, 0.0, atol=1e-6)
+
+
+def test_mc_dropout_scorers_share_one_set_of_passes() -> None:
+    clf, x = _mlp(), _inputs(10)
+    ctx = _mc_context(clf, x)  # 7 samples x 10 inputs, 64 rows a pass -> 2 forward calls
+    calls = []
+    handle = clf.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        entropy_scores = SCORERS["mc_dropout"](ctx)
+        mi_scores = SCORERS["mc_dropout_mutual_information"](ctx)
+        SCORERS["mc_dropout"](ctx)
+    finally:
+        handle.remove()
+    assert sum(calls) == 7 * 10, calls  # each input went through 7 passes, once
+    # the same passes whichever scorer runs first
+    fresh = _mc_context(clf, x)
+    np.testing.assert_array_equal(SCORERS["mc_dropout_mutual_information"](fresh), mi_scores)
+    np.testing.assert_array_equal(SCORERS["mc_dropout"](fresh), entropy_scores)
+
+
+def test_mc_dropout_mutual_information_needs_classifier_and_inputs() -> None:
+    ctx = _context(np.zeros((2, 3)), np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="classifier"):
+        mc_dropout_mutual_information(ctx)
 
 
 def test_negative_entropy_hand_values() -> None:
