@@ -21,6 +21,15 @@ paper's headline metric (Sec. 3.1). Conventions (see ``shared/reference`` and RE
   accepted / N) against coverage, from (0, 0). Equals
   (1 - AUROC) acc (1 - acc) + (1 - acc)^2 / 2 exactly.
 
+The authors' convention (valeoai/ConfidNet) is reported beside ours, labelled, so numbers
+can be set beside the paper's: ``aurc_authors`` takes thresholds at the distinct scores
+with a strict ``>`` (so the full-coverage point is dropped) and integrates risk against
+coverage with the trapezoid rule; ``eaurc_authors`` subtracts the closed-form oracle
+r + (1 - r) ln(1 - r). NaN when fewer than two distinct scores leave no curve.
+
+Every metric comes from one sort of the scores into tie groups (``_TieGroups``), so a
+bootstrap of all metrics of all methods stays cheap; tests check it against scikit-learn.
+
 Undefined values: a metric whose denominator is empty (AUROC, AUPR-*, FPR@95TPR when all
 predictions are correct or all are wrong) is NaN; AURC, E-AURC, AUGRC are always defined.
 Empty input, length mismatch, non-binary ``correct`` and NaN/inf confidences raise
@@ -34,14 +43,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import (
-    average_precision_score,
     precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
 )
 
 METRIC_NAMES = (
     "accuracy", "auroc", "aupr_success", "aupr_error", "fpr_at_95tpr", "aurc", "eaurc", "augrc",
+    "aurc_authors", "eaurc_authors",
 )
 
 
@@ -64,6 +71,73 @@ def check_inputs(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarra
 
 
 @dataclass(frozen=True)
+class _TieGroups:
+    """Samples sorted by confidence, descending, grouped by equal score: per group the
+    number of correct predictions and of errors, and the group's score."""
+
+    correct: np.ndarray
+    errors: np.ndarray
+    score: np.ndarray
+
+    @classmethod
+    def of(cls, confidence: np.ndarray, correct: np.ndarray) -> _TieGroups:
+        order = np.argsort(-confidence, kind="stable")
+        sorted_conf = confidence[order]
+        ends = np.r_[np.flatnonzero(np.diff(sorted_conf)), confidence.size - 1]
+        cum_correct = np.cumsum(correct[order])[ends]
+        per_group_correct = np.diff(np.r_[0, cum_correct])
+        per_group_total = np.diff(np.r_[0, ends + 1])
+        return cls(per_group_correct, per_group_total - per_group_correct, sorted_conf[ends])
+
+
+def _average_precision(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """scikit-learn's average precision from per-threshold counts, most confident first:
+    sum over thresholds of (recall step) x precision."""
+    tp, fp = np.cumsum(positives), np.cumsum(negatives)
+    return float(np.sum(positives / tp[-1] * (tp / (tp + fp))))
+
+
+def _metrics_from_groups(groups: _TieGroups) -> dict[str, float]:
+    n_correct, n_errors = int(groups.correct.sum()), int(groups.errors.sum())
+    n = n_correct + n_errors
+    accepted_correct, accepted_errors = np.cumsum(groups.correct), np.cumsum(groups.errors)
+    accepted = accepted_correct + accepted_errors
+    coverage, risk = accepted / n, accepted_errors / accepted
+    nan = float("nan")
+    out = {"accuracy": n_correct / n}
+    if n_correct and n_errors:
+        # Mann-Whitney: each error against the correct predictions scored above it, ties 1/2.
+        above = np.r_[0, accepted_correct[:-1]]
+        out["auroc"] = float(np.sum(groups.errors * (above + 0.5 * groups.correct))
+                             / (n_correct * n_errors))
+        out["aupr_success"] = _average_precision(groups.correct, groups.errors)
+        out["aupr_error"] = _average_precision(groups.errors[::-1], groups.correct[::-1])
+        tpr = accepted_correct / n_correct
+        out["fpr_at_95tpr"] = float(accepted_errors[np.argmax(tpr >= 0.95)] / n_errors)
+    else:
+        out.update(auroc=nan, aupr_success=nan, aupr_error=nan, fpr_at_95tpr=nan)
+    out["aurc"] = float(np.sum(np.diff(np.r_[0.0, coverage]) * risk))
+    out["eaurc"] = out["aurc"] - _oracle_aurc(n_correct, n)
+    out["augrc"] = float(np.trapezoid(np.r_[0.0, accepted_errors / n], np.r_[0.0, coverage]))
+    # Authors' convention: strict '>' at each distinct score drops the full-coverage point.
+    if coverage.size >= 3:
+        out["aurc_authors"] = float(np.trapezoid(risk[:-1], coverage[:-1]))
+    elif coverage.size == 2:
+        out["aurc_authors"] = 0.0  # a single point has no area under sklearn's auc
+    else:
+        out["aurc_authors"] = nan
+    error_rate = n_errors / n
+    oracle = error_rate + (1 - error_rate) * np.log1p(-error_rate) if error_rate < 1 else 1.0
+    out["eaurc_authors"] = out["aurc_authors"] - float(oracle)
+    return out
+
+
+def _oracle_aurc(n_correct: int, n: int) -> float:
+    accepted = np.arange(n_correct + 1, n + 1)
+    return float(np.sum((accepted - n_correct) / accepted) / n)
+
+
+@dataclass(frozen=True)
 class RiskCoverage:
     """One point per distinct confidence value, most confident first."""
 
@@ -75,76 +149,44 @@ class RiskCoverage:
 
 def risk_coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> RiskCoverage:
     confidence, correct = check_inputs(confidence, correct)
-    n = confidence.size
-    order = np.argsort(-confidence, kind="stable")
-    sorted_conf = confidence[order]
-    errors = np.cumsum(1 - correct[order])
-    group_ends = np.r_[np.flatnonzero(np.diff(sorted_conf)), n - 1]
-    accepted = group_ends + 1
+    groups = _TieGroups.of(confidence, correct)
+    errors = np.cumsum(groups.errors)
+    accepted = np.cumsum(groups.correct + groups.errors)
     return RiskCoverage(
-        coverage=accepted / n,
-        risk=errors[group_ends] / accepted,
-        generalised_risk=errors[group_ends] / n,
-        threshold=sorted_conf[group_ends],
+        coverage=accepted / confidence.size,
+        risk=errors / accepted,
+        generalised_risk=errors / confidence.size,
+        threshold=groups.score,
     )
 
 
-def aurc(confidence: np.ndarray, correct: np.ndarray) -> float:
-    curve = risk_coverage_curve(confidence, correct)
-    steps = np.diff(np.r_[0.0, curve.coverage])
-    return float(np.sum(steps * curve.risk))
+def failure_metrics(confidence: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    """Every failure-prediction metric for one scoring method (fractions, not percent)."""
+    confidence, correct = check_inputs(confidence, correct)
+    return _metrics_from_groups(_TieGroups.of(confidence, correct))
+
+
+def _one(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    def metric(confidence: np.ndarray, correct: np.ndarray) -> float:
+        return failure_metrics(confidence, correct)[name]
+
+    metric.__name__ = name
+    metric.__doc__ = f"``failure_metrics(...)['{name}']``."
+    return metric
+
+
+aurc = _one("aurc")
+eaurc = _one("eaurc")
+augrc = _one("augrc")
+fpr_at_95tpr = _one("fpr_at_95tpr")
+aupr_error = _one("aupr_error")  # the model-selection criterion
 
 
 def oracle_aurc(correct: np.ndarray) -> float:
     """AURC of the best possible ranking: every correct prediction first, then the errors
     one at a time (distinct scores, so no tie group hides the rising risk)."""
     correct = np.asarray(correct).reshape(-1)
-    n, n_correct = correct.size, int(correct.sum())
-    accepted = np.arange(n_correct + 1, n + 1)
-    return float(np.sum((accepted - n_correct) / accepted) / n)
-
-
-def eaurc(confidence: np.ndarray, correct: np.ndarray) -> float:
-    confidence, correct = check_inputs(confidence, correct)
-    return aurc(confidence, correct) - oracle_aurc(correct)
-
-
-def augrc(confidence: np.ndarray, correct: np.ndarray) -> float:
-    curve = risk_coverage_curve(confidence, correct)
-    return float(np.trapezoid(np.r_[0.0, curve.generalised_risk], np.r_[0.0, curve.coverage]))
-
-
-def fpr_at_95tpr(confidence: np.ndarray, correct: np.ndarray) -> float:
-    confidence, correct = check_inputs(confidence, correct)
-    if correct.min() == correct.max():
-        return float("nan")
-    fpr, tpr, _ = roc_curve(correct, confidence, drop_intermediate=False)
-    return float(fpr[np.argmax(tpr >= 0.95)])
-
-
-def failure_metrics(confidence: np.ndarray, correct: np.ndarray) -> dict[str, float]:
-    """Every failure-prediction metric for one scoring method (fractions, not percent)."""
-    confidence, correct = check_inputs(confidence, correct)
-    both = correct.min() != correct.max()
-    nan = float("nan")
-    return {
-        "accuracy": float(correct.mean()),
-        "auroc": float(roc_auc_score(correct, confidence)) if both else nan,
-        "aupr_success": float(average_precision_score(correct, confidence)) if both else nan,
-        "aupr_error": float(average_precision_score(1 - correct, -confidence)) if both else nan,
-        "fpr_at_95tpr": fpr_at_95tpr(confidence, correct),
-        "aurc": aurc(confidence, correct),
-        "eaurc": eaurc(confidence, correct),
-        "augrc": augrc(confidence, correct),
-    }
-
-
-def aupr_error(confidence: np.ndarray, correct: np.ndarray) -> float:
-    """AUPR-Error alone (the model-selection criterion); NaN without both outcomes."""
-    confidence, correct = check_inputs(confidence, correct)
-    if correct.min() == correct.max():
-        return float("nan")
-    return float(average_precision_score(1 - correct, -confidence))
+    return _oracle_aurc(int(correct.sum()), correct.size)
 
 
 def pr_error_curve(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,3 +226,25 @@ def paired_bootstrap(
         return observed, float("nan"), float("nan")
     low, high = np.percentile(diffs, [2.5, 97.5])
     return float(observed), float(low), float(high)
+
+
+def bootstrap_intervals(
+    confidence: np.ndarray, correct: np.ndarray, resamples: int, seed: int
+) -> dict[str, tuple[float, float]]:
+    """95% percentile interval of every metric from resampling the samples with
+    replacement. Resamples where a metric is undefined (no error drawn) are skipped for
+    that metric; NaN bounds mean no resample defined it."""
+    confidence, correct = check_inputs(confidence, correct)
+    rng = np.random.default_rng(seed)
+    n = correct.size
+    draws = np.full((resamples, len(METRIC_NAMES)), np.nan)
+    for i in range(resamples):
+        idx = rng.integers(0, n, n)
+        values = _metrics_from_groups(_TieGroups.of(confidence[idx], correct[idx]))
+        draws[i] = [values[name] for name in METRIC_NAMES]
+    intervals = {}
+    for j, name in enumerate(METRIC_NAMES):
+        finite = draws[:, j][np.isfinite(draws[:, j])]
+        low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (np.nan, np.nan)
+        intervals[name] = (float(low), float(high))
+    return intervals

@@ -36,6 +36,11 @@ FAST = settings(max_examples=60, deadline=None, database=None)
 # AUGRC: generalised risk (errors/N) at coverage 0, .2, .4, .6, .8, 1: 0, 0, .2, .2, .2, .4
 #   trapezoid: 0 + .2*(0+.2)/2 + .2*.2 + .2*.2 + .2*(.2+.4)/2 = .02+.04+.04+.06 = 0.16
 #   closed form check: (1 - 2/3)*0.6*0.4 + 0.4^2/2 = 0.08 + 0.08 = 0.16
+# Authors' convention: accept conf > t for each distinct t; t = 0.9 accepts nothing and
+#   the full-coverage point never appears. Points (coverage, risk):
+#   t=.8: (.2, 0), t=.7: (.4, 1/2), t=.6: (.6, 1/3), t=.5: (.8, 1/4)
+#   trapezoid: .2*(0+1/2)/2 + .2*(1/2+1/3)/2 + .2*(1/3+1/4)/2 = .05 + 1/12 + 7/120 = 23/120
+#   E-AURC (authors): 23/120 - (r + (1-r) ln(1-r)), r = 0.4 -> 23/120 - 0.4 - 0.6 ln 0.6
 # ---------------------------------------------------------------------------------------
 CONF_A = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
 CORRECT_A = np.array([1, 0, 1, 1, 0])
@@ -48,6 +53,8 @@ EXPECTED_A = {
     "aurc": 89 / 300,
     "eaurc": 1 / 6,
     "augrc": 0.16,
+    "aurc_authors": 23 / 120,
+    "eaurc_authors": 23 / 120 - 0.4 - 0.6 * math.log(0.6),
 }
 
 # ---------------------------------------------------------------------------------------
@@ -71,6 +78,8 @@ EXPECTED_A = {
 #   closed form: (1 - 11/18)*1/4 + 1/8 = 7/72 + 9/72 = 16/72  (holds with ties too)
 # FPR@95TPR: all 3 correct accepted at threshold 0.7; wrong with conf >= 0.7: 0.9, 0.7
 #   -> 2/3
+# Authors' AURC: points (1/3, 1/2) and (5/6, 2/5), full coverage dropped:
+#   (5/6 - 1/3) * (1/2 + 2/5) / 2 = 0.225
 # ---------------------------------------------------------------------------------------
 CONF_B = np.array([0.9, 0.9, 0.7, 0.7, 0.7, 0.2])
 CORRECT_B = np.array([1, 0, 1, 1, 0, 0])
@@ -479,3 +488,59 @@ def test_paired_bootstrap_all_resamples_undefined_gives_nan_interval() -> None:
     observed, low, high = M.paired_bootstrap(conf, conf[::-1].copy(), np.ones(3, int),
                                              M.aupr_error, resamples=20, seed=0)
     assert math.isnan(observed) and math.isnan(low) and math.isnan(high)
+
+
+# ------------------------------------------------------- authors' convention, bootstrap
+
+
+def test_authors_aurc_hand_case_b_with_ties() -> None:
+    result = M.failure_metrics(CONF_B, CORRECT_B)
+    assert result["aurc_authors"] == pytest.approx(0.225, abs=1e-12)
+    assert result["eaurc_authors"] == pytest.approx(
+        0.225 - (0.5 + 0.5 * math.log(0.5)), abs=1e-12)
+
+
+def _authors_aurc_loop(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """Their recipe spelled out: for each distinct score t, accept conf > t."""
+    coverages, risks = [], []
+    for t in np.unique(confidence):
+        accepted = confidence > t
+        if accepted.any():
+            coverages.append(accepted.mean())
+            risks.append(1 - correct[accepted].mean())
+    order = np.argsort(coverages)
+    return float(np.trapezoid(np.array(risks)[order], np.array(coverages)[order]))
+
+
+@FAST
+@given(st.integers(0, 10_000), st.integers(3, 60), st.integers(2, 12))
+def test_authors_aurc_matches_threshold_loop(seed: int, n: int, levels: int) -> None:
+    rng = np.random.default_rng(seed)
+    confidence = rng.integers(0, levels, n) / levels  # ties on purpose
+    correct = rng.integers(0, 2, n)
+    assume(len(np.unique(confidence)) >= 3)
+    got = M.failure_metrics(confidence, correct)["aurc_authors"]
+    assert got == pytest.approx(_authors_aurc_loop(confidence, correct), abs=1e-12)
+
+
+def test_bootstrap_intervals_are_seeded_and_bracket_the_estimate() -> None:
+    rng = np.random.default_rng(3)
+    correct = (rng.random(400) < 0.85).astype(int)
+    confidence = correct * 0.4 + rng.random(400)
+    first = M.bootstrap_intervals(confidence, correct, resamples=300, seed=7)
+    again = M.bootstrap_intervals(confidence, correct, resamples=300, seed=7)
+    other = M.bootstrap_intervals(confidence, correct, resamples=300, seed=8)
+    assert first == again
+    assert first != other
+    observed = M.failure_metrics(confidence, correct)
+    assert set(first) == set(M.METRIC_NAMES)
+    for name, (low, high) in first.items():
+        assert low <= observed[name] <= high, name
+        assert low < high, name
+
+
+def test_bootstrap_intervals_all_correct_gives_nan_bounds_for_undefined_metrics() -> None:
+    confidence = np.linspace(0, 1, 50)
+    intervals = M.bootstrap_intervals(confidence, np.ones(50, dtype=int), 50, seed=0)
+    assert all(math.isnan(v) for v in intervals["auroc"])
+    assert intervals["aurc"] == (0.0, 0.0)
