@@ -42,9 +42,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import (
-    precision_recall_curve,
-)
 
 METRIC_NAMES = (
     "accuracy", "auroc", "aupr_success", "aupr_error", "fpr_at_95tpr", "aurc", "eaurc", "augrc",
@@ -190,9 +187,16 @@ def oracle_aurc(correct: np.ndarray) -> float:
 
 
 def pr_error_curve(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall of detecting errors by low confidence."""
+    """Precision and recall of flagging errors by low confidence, one point per distinct
+    score, in scikit-learn's ``precision_recall_curve`` order: recall falling to a final
+    (recall 0, precision 1) point."""
     confidence, correct = check_inputs(confidence, correct)
-    precision, recall, _ = precision_recall_curve(1 - correct, -confidence)
+    groups = _TieGroups.of(confidence, correct)
+    flagged_errors = np.cumsum(groups.errors[::-1])
+    flagged = np.cumsum((groups.errors + groups.correct)[::-1])
+    total_errors = max(int(flagged_errors[-1]), 1)
+    precision = np.r_[1.0, flagged_errors / flagged][::-1]
+    recall = np.r_[0.0, flagged_errors / total_errors][::-1]
     return precision, recall
 
 

@@ -27,6 +27,9 @@ TABLE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("auroc", "AUROC", False),
     ("aurc", "AURC", True),
     ("eaurc", "E-AURC", True),
+    ("augrc", "AUGRC", True),
+    ("aurc_authors", "AURC (authors)", True),
+    ("eaurc_authors", "E-AURC (authors)", True),
 )
 
 
@@ -43,7 +46,16 @@ def paper_table(dataset: str) -> tuple[str, dict[str, Any]] | None:
     return (setting, row) if row else None
 
 
-def results_table(test: Mapping[str, Mapping[str, float]]) -> str:
+def with_interval(value: float, interval: tuple[float, float] | None) -> str:
+    if interval is None or any(math.isnan(b) for b in interval):
+        return percent(value)
+    return f"{percent(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def results_table(test: Mapping[str, Mapping[str, float]],
+                  intervals: Mapping[str, Mapping[str, tuple[float, float]]]) -> str:
+    """Methods as rows, the paper's Table 1 columns then the risk-coverage ones, each
+    value with its bootstrap 95% interval; the best non-oracle value per column in bold."""
     methods = ordered_methods(list(test))
     header = "| Method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
     lines = [header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
@@ -56,7 +68,7 @@ def results_table(test: Mapping[str, Mapping[str, float]]) -> str:
     for method in methods:
         cells = []
         for key, _, _ in TABLE_COLUMNS:
-            text = percent(test[method][key])
+            text = with_interval(test[method][key], intervals.get(method, {}).get(key))
             if method not in ORACLES and key in best and test[method][key] == best[key]:
                 text = f"**{text}**"
             cells.append(text)

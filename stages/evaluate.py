@@ -1,5 +1,6 @@
 """Stage 7: every failure metric of every method on validation and test, DVC metrics and
-plots, and a paired bootstrap of ConfidNet against each baseline."""
+plots, bootstrap 95% intervals of every test metric, and a paired bootstrap of ConfidNet
+against each baseline."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pipeline.methods import CHALLENGERS, ORACLES
 from pipeline.metrics import (
     aupr_error,
     aurc,
+    bootstrap_intervals,
     failure_metrics,
     paired_bootstrap,
     pr_error_curve,
@@ -44,8 +46,12 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_write_json(METRICS / "evaluate.json", results["test"])
     atomic_write_json(METRICS / "validation.json", results["val"])
 
-    significance: dict[str, Any] = {}
     resamples = params["evaluate"]["bootstrap_resamples"]
+    intervals = {m: bootstrap_intervals(s["test"], correct["test"], resamples, params["seed"])
+                 for m, s in scores.items()}
+    atomic_write_json(METRICS / "intervals.json", intervals)
+
+    significance: dict[str, Any] = {}
     for challenger in CHALLENGERS:
         for baseline in scores:
             if baseline in CHALLENGERS or baseline in ORACLES:
@@ -75,10 +81,15 @@ def body(params: dict[str, Any], run: StageRun) -> None:
                      for split in ("val", "test")
                      for method, values in results[split]["methods"].items()
                      for name, value in values.items()})
+    run.log_metrics({f"test/{method}/{name}_ci_{side}": bound
+                     for method, values in intervals.items()
+                     for name, bounds in values.items()
+                     for side, bound in zip(("low", "high"), bounds, strict=True)})
     run.log_metrics({f"{split}/{key}": results[split][key]
                      for split in ("val", "test") for key in ("size", "errors")})
     run.log_artifact(METRICS / "evaluate.json")
     run.log_artifact(METRICS / "significance.json")
+    run.log_artifact(METRICS / "intervals.json")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def read_json(path: Path) -> Any:
 def render(params: dict[str, Any], this_run: StageRun) -> str:
     evaluation = read_json(METRICS / "evaluate.json")
     validation = read_json(METRICS / "validation.json")
+    intervals = read_json(METRICS / "intervals.json")
     significance = read_json(METRICS / "significance.json")
     classifier = read_json(METRICS / "classifier.json")
     confidnet = read_json(METRICS / "train_confidnet.json")
@@ -74,11 +75,17 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
     ]
     out += [
         "## Test results in the paper's Table 1 layout (%)", "",
-        results_table(test), "",
-        "Best value per column in bold (the TCP oracle, which reads the label, excluded). "
+        results_table(test, intervals), "",
+        "Each value is followed by its bootstrap 95% interval "
+        f"({params['evaluate']['bootstrap_resamples']} resamples of the test split, "
+        f"seed {params['seed']}). Best value per column in bold "
+        "(the TCP oracle, which reads the label, excluded); a bold value is not a win unless "
+        "the paired comparison below says so. Lower is better for FPR, AURC, E-AURC, AUGRC. "
         "Conventions: AUROC and AUPR as scikit-learn computes them (the authors' choice); "
-        "FPR at 95% TPR exact on the ROC curve; AURC with tied scores entering together "
-        "and E-AURC against the exact oracle of the same convention (see `pipeline/metrics.py`).",
+        "FPR at 95% TPR exact on the ROC curve; AURC with tied scores entering together, "
+        "E-AURC against the exact oracle of the same convention, AUGRC as in Traub et al. "
+        "(2024); the *authors* columns follow valeoai/ConfidNet's code (strict thresholds, "
+        "full-coverage point dropped, trapezoid; closed-form oracle). See `pipeline/metrics.py`.",
         "",
     ]
     paper = paper_table(params["dataset"])

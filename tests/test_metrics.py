@@ -174,6 +174,21 @@ def test_pr_error_curve_endpoints_and_aupr_error() -> None:
     assert ap == pytest.approx(0.75, abs=1e-12)
 
 
+@FAST
+@given(st.integers(0, 10_000), st.integers(2, 80), st.integers(2, 15))
+def test_pr_error_curve_matches_sklearn(seed: int, n: int, levels: int) -> None:
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(seed)
+    confidence = rng.integers(0, levels, n) / levels
+    correct = rng.integers(0, 2, n)
+    assume(correct.min() == 0)
+    precision, recall = M.pr_error_curve(confidence, correct)
+    expected_precision, expected_recall, _ = precision_recall_curve(1 - correct, -confidence)
+    np.testing.assert_allclose(precision, expected_precision, atol=1e-12)
+    np.testing.assert_allclose(recall, expected_recall, atol=1e-12)
+
+
 def test_accepts_bool_correct_and_list_inputs() -> None:
     as_bool = M.failure_metrics(list(CONF_A), CORRECT_A.astype(bool))
     for name in M.METRIC_NAMES:

@@ -1,0 +1,305 @@
+"""End to end: the real DVC pipeline, its experiments and its MLflow records, in a
+temporary copy of the project with fast params (see conftest.py).
+
+The tests share one project and run in file order: the full `dvc repro` happens once, the
+experiments start from its committed result, and the MLflow checks read what every earlier
+command logged. Each DVC command is recorded in ``LEDGER`` (stages run, experiment name,
+git HEAD, time window, metrics/evaluate.json afterwards) for the later tests to check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import FAST_OVERRIDES, STAGES, fast_params, git_head, run, write_params
+
+from pipeline.baselines import SCORERS
+from pipeline.metrics import METRIC_NAMES
+
+BASELINE_METHODS = tuple(SCORERS.names())  # every registered scoring function
+METHODS = (*BASELINE_METHODS, "confidnet", "confidnet_finetuned")
+METRIC_KEYS = METRIC_NAMES
+LOSS_RERUNS = {"train_confidnet", "finetune", "evaluate", "report"}
+EXPERIMENT = fast_params()["tracking"]["experiment"]  # "confidnet"
+
+pytestmark = pytest.mark.slow
+
+RUNNING = re.compile(r"Running stage '([^']+)'")
+EXP_NAME = re.compile(r"Ran experiment\(s\): ([\w.-]+)")
+
+
+@dataclass
+class Command:
+    label: str
+    args: list[str]
+    stages: list[str]
+    exp_name: str | None
+    head: str
+    started: float
+    finished: float
+    evaluation: dict[str, Any] | None
+
+
+@dataclass
+class Ledger:
+    commands: list[Command] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None  # metrics/evaluate.json of the committed repro
+
+
+LEDGER = Ledger()
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def output_of(proc: subprocess.CompletedProcess[str]) -> str:
+    return proc.stdout + proc.stderr
+
+
+def dvc(project: Path, label: str, args: Sequence[str], *,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a DVC command in the shared project and record what it did."""
+    head = git_head(project)
+    started = time.time()
+    proc = run(project, args, check=check)
+    finished = time.time()
+    out = output_of(proc)
+    names = EXP_NAME.findall(out)
+    evaluation = project / "metrics" / "evaluate.json"
+    LEDGER.commands.append(Command(
+        label=label, args=list(args), stages=RUNNING.findall(out),
+        exp_name=names[-1] if names else None, head=head, started=started,
+        finished=finished, evaluation=read_json(evaluation) if evaluation.exists() else None,
+    ))
+    assert git_head(project) == head, f"`{' '.join(args)}` moved HEAD"
+    return proc
+
+
+def require_baseline() -> dict[str, Any]:
+    if LEDGER.baseline is None:
+        pytest.fail("needs test_repro_runs_every_stage and test_second_repro_runs_nothing "
+                    "to have passed first (run the module in file order)", pytrace=False)
+    return LEDGER.baseline
+
+
+def reset_to_baseline(project: Path) -> None:
+    """Back to the committed repro: params, lock file and outputs (from the DVC cache)."""
+    run(project, ["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock"])
+    run(project, ["dvc", "checkout", "--force"])
+
+
+def experiment(project: Path, *overrides: str) -> tuple[Command, dict[str, Any]]:
+    require_baseline()
+    reset_to_baseline(project)
+    args = ["dvc", "exp", "run"]
+    for override in overrides:
+        args += ["-S", override]
+    dvc(project, " ".join(overrides), args)
+    command = LEDGER.commands[-1]
+    assert command.exp_name, f"no experiment name in the output of `{' '.join(args)}`"
+    assert command.evaluation is not None
+    return command, command.evaluation
+
+
+def assert_complete_evaluation(project: Path) -> dict[str, Any]:
+    """metrics/evaluate.json (test) and metrics/validation.json hold every metric of every
+    method; the test ones are finite. Returns the test metrics."""
+    test = read_json(project / "metrics" / "evaluate.json")
+    val = read_json(project / "metrics" / "validation.json")
+    for name, split in (("test", test), ("val", val)):
+        assert set(split["methods"]) == set(METHODS), name
+        for method in METHODS:
+            assert set(METRIC_KEYS) <= set(split["methods"][method]), (name, method)
+        assert 0 < split["errors"] < split["size"], name
+    for method in METHODS:
+        for key in METRIC_KEYS:
+            value = test["methods"][method][key]
+            assert isinstance(value, float) and math.isfinite(value), (method, key, value)
+    return test
+
+
+# --- the pipeline -----------------------------------------------------------------------
+
+
+def test_repro_runs_every_stage(project: Path) -> None:
+    dvc(project, "repro", ["dvc", "repro"])
+    ran = LEDGER.commands[-1].stages
+    assert sorted(ran) == sorted(STAGES), ran
+    assert ran[0] == "download" and ran[-1] == "report", ran
+
+    report = project / "reports" / "report.md"
+    assert report.is_file() and report.stat().st_size > 0
+    assert "confidnet" in report.read_text().lower()
+    assert_complete_evaluation(project)
+
+
+def test_second_repro_runs_nothing(project: Path) -> None:
+    assert LEDGER.commands and sorted(LEDGER.commands[0].stages) == sorted(STAGES), \
+        "needs test_repro_runs_every_stage first"
+    proc = dvc(project, "repro again", ["dvc", "repro"])
+    assert "Running stage" not in output_of(proc)
+    status = run(project, ["dvc", "status"])
+    assert "up to date" in output_of(status), output_of(status)
+
+    # The user's next step, and the experiments' baseline: commit the reproduced state.
+    run(project, ["git", "add", "-A"])
+    run(project, ["git", "commit", "-q", "-m", "reproduced pipeline"])
+    LEDGER.baseline = read_json(project / "metrics" / "evaluate.json")
+
+
+# --- experiments ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override", ["loss=focal", "criterion=tcp_r"])
+def test_confidnet_param_reruns_confidnet_stages_only(project: Path, override: str) -> None:
+    baseline = require_baseline()
+    command, after = experiment(project, override)
+    assert set(command.stages) == LOSS_RERUNS and len(command.stages) == len(LOSS_RERUNS), \
+        command.stages
+    assert assert_complete_evaluation(project) == after
+    for method in ("confidnet", "confidnet_finetuned"):
+        assert after["methods"][method] != baseline["methods"][method], \
+            f"{override} left {method}'s test metrics unchanged"
+    for method in BASELINE_METHODS:  # their stages did not run: same numbers
+        assert after["methods"][method] == baseline["methods"][method], method
+
+
+def test_seed_change_reruns_every_stage(project: Path) -> None:
+    baseline = require_baseline()
+    command, after = experiment(project, "seed=1")
+    assert sorted(command.stages) == sorted(STAGES), command.stages
+    assert after["methods"]["mcp"] != baseline["methods"]["mcp"]
+
+
+# --- MLflow -----------------------------------------------------------------------------
+
+
+@contextmanager
+def tracking(uri: str) -> Iterator[Any]:
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def runs_in(uri: str) -> list[Any]:
+    with tracking(uri) as mlflow:
+        return mlflow.search_runs(experiment_names=[EXPERIMENT], search_all_experiments=False,
+                                  output_format="list")
+
+
+def test_mlflow_has_one_run_per_stage_execution(project: Path) -> None:
+    import mlflow
+
+    require_baseline()
+    assert len(LEDGER.commands) >= 5, "needs the repro and experiment tests first"
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    runs = runs_in(uri)
+
+    executed = Counter(stage for c in LEDGER.commands for stage in c.stages)
+    logged = Counter(r.data.tags.get("dvc_stage") for r in runs)
+    assert logged == executed
+    assert set(logged) == set(STAGES)
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    epochs = FAST_OVERRIDES["classifier"]["epochs"]
+    for command in LEDGER.commands:
+        # a run belongs to the command during which it started
+        mine = [r for r in runs
+                if command.started * 1000 <= r.info.start_time <= command.finished * 1000]
+        assert sorted(r.data.tags["dvc_stage"] for r in mine) == sorted(command.stages), \
+            command.label
+        for r in mine:
+            stage, tags = r.data.tags["dvc_stage"], r.data.tags
+            assert r.info.status == "FINISHED", (command.label, stage)
+            assert tags.get("git_commit") == command.head, (command.label, stage)
+            if command.args[:3] == ["dvc", "exp", "run"]:
+                assert tags.get("dvc_exp_name"), (command.label, stage)
+                assert tags["dvc_exp_name"] == command.exp_name, (command.label, stage)
+            else:
+                assert not tags.get("dvc_exp_name"), (command.label, stage)
+            if stage == "train_classifier":
+                history = client.get_metric_history(r.info.run_id, "val_accuracy")
+                assert len(history) == epochs, (command.label, len(history))
+            if stage == "evaluate":
+                assert command.evaluation is not None
+                for method in METHODS:
+                    for key in METRIC_KEYS:
+                        name = f"test/{method}/{key}"
+                        assert name in r.data.metrics, (command.label, name)
+                        assert r.data.metrics[name] == pytest.approx(
+                            command.evaluation["methods"][method][key]), (command.label, name)
+
+
+def test_tracking_uri_override_logs_elsewhere(project: Path, tmp_path: Path) -> None:
+    require_baseline()
+    default_uri = f"sqlite:///{project / 'mlflow.db'}"
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    before = {r.info.run_id for r in runs_in(default_uri)}
+
+    run(project, ["python", "-m", "stages.evaluate"], env={"MLFLOW_TRACKING_URI": other_uri})
+
+    assert {r.info.run_id for r in runs_in(default_uri)} == before
+    other = runs_in(other_uri)
+    assert [r.data.tags.get("dvc_stage") for r in other] == ["evaluate"]
+    assert "test/confidnet/aupr_error" in other[0].data.metrics
+    assert other[0].data.tags.get("git_commit") == git_head(project)
+
+
+# --- bad params -------------------------------------------------------------------------
+
+
+def stage_outputs(project: Path, stage: str) -> list[Path]:
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]
+    paths = []
+    for section in ("outs", "metrics", "plots"):
+        for entry in spec.get(section, []):
+            paths.append(project / (next(iter(entry)) if isinstance(entry, dict) else entry))
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("loss", "nonsense", ["loss", "'nonsense'", "mse", "bce", "focal", "ranking"]),
+        ("classifier.epochs", -3, ["classifier.epochs", "-3", ">= 1"]),
+        ("dataset", "no_such_dataset", ["dataset", "'no_such_dataset'", "digits"]),
+    ],
+)
+def test_bad_param_fails_before_any_output(fresh_project: Path, key: str, value: Any,
+                                           expected: list[str]) -> None:
+    params = fast_params()
+    section, _, leaf = key.rpartition(".")
+    (params[section] if section else params)[leaf] = value
+    write_params(fresh_project, params)
+
+    proc = run(fresh_project, ["dvc", "repro"], check=False)
+    out = output_of(proc)
+    assert proc.returncode != 0, out
+    for text in expected:
+        assert text in out, f"{text!r} missing from the output:\n{out}"
+
+    ran = RUNNING.findall(out)
+    assert ran, out
+    failing = ran[-1]
+    for path in stage_outputs(fresh_project, failing):
+        assert not path.exists(), f"{failing} failed but wrote {path}"
+    assert not (fresh_project / "dvc.lock").exists()
+    assert not (fresh_project / "mlflow.db").exists(), "a run was tracked before validation"
