@@ -120,7 +120,6 @@ SCHEMA: dict[str, Any] = {
         "epochs": positive_int(),
         "batch_size": positive_int(),
         "lr": positive_float(),
-        "train_split": Spec(str, choices=lambda: ["train", "val"]),
         "focal_alpha": fraction(),
         "focal_gamma": Spec(float, minimum=0.0),
     },

@@ -50,7 +50,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         for s in ("train", "val", "test")
     }
     result = fit_confidence(
-        model, data[head_cfg["train_split"]], data["val"], LOSSES[params["loss"]],
+        model, data["train"], data["val"], LOSSES[params["loss"]],
         loss_kwargs(params), epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
         device=device, seed=params["seed"],
         log=lambda epoch, row: run.log_metrics(row, step=epoch), desc="finetune",

@@ -37,7 +37,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     data = {s: confidence_targets(f, params["criterion"]) for s, f in splits.items()}
     head = ConfidNetHead(splits["train"].features.shape[1], cfg["width"], cfg["layers"])
     result = fit_confidence(
-        head, data[cfg["train_split"]], data["val"], LOSSES[params["loss"]], loss_kwargs(params),
+        head, data["train"], data["val"], LOSSES[params["loss"]], loss_kwargs(params),
         epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], device=device,
         seed=params["seed"], log=lambda epoch, row: run.log_metrics(row, step=epoch),
         desc="train confidnet",
@@ -46,11 +46,10 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_torch_save(CONFIDNET, result.best_state)
     scores = {s: confidence_scores(head, data[s].inputs, device) for s in ("val", "test")}
     atomic_write_npz(CONFIDNET_SCORES, **scores)
-    train = data[cfg["train_split"]]
+    train = data["train"]
     summary = {
         "best_epoch": result.best_epoch,
         "val_aupr_error": result.best_value,
-        "train_split": cfg["train_split"],
         "train_errors": int((1 - train.correct).sum()),
         "train_size": len(train.correct),
     }

@@ -72,9 +72,6 @@ BAD_ROWS = [
                  id="unknown-criterion"),
     pytest.param("classifier.model", "resnet", ["classifier.model = 'resnet'",
                                                 "valid values: mlp"], id="unknown-model"),
-    pytest.param("confidnet.train_split", "test", ["confidnet.train_split = 'test'",
-                                                   "valid values: train, val"],
-                 id="unknown-train-split"),
     pytest.param("device", "gpu", ["device = 'gpu'", "auto, cpu, cuda, cuda:N"],
                  id="bad-device"),
     pytest.param("device", "cuda:x", ["device = 'cuda:x'", "cuda:N"], id="bad-device-index"),
@@ -146,7 +143,6 @@ def test_valid_devices_pass(base_params, device: str) -> None:
     ("confidnet.focal_alpha", 1.0),
     ("criterion", "tcp_r"),
     ("loss", "ranking"),
-    ("confidnet.train_split", "val"),
 ])
 def test_boundary_values_pass(base_params, path: str, value: Any) -> None:
     validate(with_value(base_params, path, value))
