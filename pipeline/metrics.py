@@ -38,7 +38,7 @@ Empty input, length mismatch, non-binary ``correct`` and NaN/inf confidences rai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,55 +200,59 @@ def pr_error_curve(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndar
     return precision, recall
 
 
-MetricFn = Callable[[np.ndarray, np.ndarray], float]
+def bootstrap_draws(scores: Mapping[str, np.ndarray], correct: np.ndarray, resamples: int,
+                    seed: int) -> dict[str, np.ndarray]:
+    """Every metric of every method on the same ``resamples`` resamples of the samples
+    (drawn with replacement): ``{method: array (resamples, len(METRIC_NAMES))}``, NaN where
+    a metric is undefined on a resample (no error drawn). Sharing the draws makes the
+    per-method intervals and the paired differences come from one bootstrap."""
+    checked = {m: check_inputs(conf, correct)[0] for m, conf in scores.items()}
+    _, correct = check_inputs(next(iter(checked.values())), correct)
+    rng = np.random.default_rng(seed)
+    n = correct.size
+    draws = {m: np.full((resamples, len(METRIC_NAMES)), np.nan) for m in checked}
+    for i in range(resamples):
+        idx = rng.integers(0, n, n)
+        resampled_correct = correct[idx]
+        for method, conf in checked.items():
+            values = _metrics_from_groups(_TieGroups.of(conf[idx], resampled_correct))
+            draws[method][i] = [values[name] for name in METRIC_NAMES]
+    return draws
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of the finite values; NaN bounds if there are none."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bootstrap_intervals(
+    confidence: np.ndarray, correct: np.ndarray, resamples: int, seed: int
+) -> dict[str, tuple[float, float]]:
+    """95% percentile interval of every metric of one method (see :func:`bootstrap_draws`)."""
+    draws = bootstrap_draws({"method": confidence}, correct, resamples, seed)["method"]
+    return {name: percentile_interval(draws[:, j]) for j, name in enumerate(METRIC_NAMES)}
 
 
 def paired_bootstrap(
     confidence_a: np.ndarray,
     confidence_b: np.ndarray,
     correct: np.ndarray,
-    metric: MetricFn,
+    metric: str,
     resamples: int,
     seed: int,
 ) -> tuple[float, float, float]:
-    """Observed ``metric(a) - metric(b)`` and its 95% percentile interval from resampling
-    test samples with replacement (the same indices for both methods).
-
-    Resamples where the metric is undefined (no error drawn) are dropped.
-    """
-    confidence_a, correct = check_inputs(confidence_a, correct)
-    confidence_b, _ = check_inputs(confidence_b, correct)
-    rng = np.random.default_rng(seed)
-    n = correct.size
-    observed = metric(confidence_a, correct) - metric(confidence_b, correct)
-    diffs = np.empty(resamples)
-    for i in range(resamples):
-        idx = rng.integers(0, n, n)
-        diffs[i] = metric(confidence_a[idx], correct[idx]) - metric(confidence_b[idx], correct[idx])
-    diffs = diffs[np.isfinite(diffs)]
-    if diffs.size == 0:
-        return observed, float("nan"), float("nan")
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return float(observed), float(low), float(high)
-
-
-def bootstrap_intervals(
-    confidence: np.ndarray, correct: np.ndarray, resamples: int, seed: int
-) -> dict[str, tuple[float, float]]:
-    """95% percentile interval of every metric from resampling the samples with
-    replacement. Resamples where a metric is undefined (no error drawn) are skipped for
-    that metric; NaN bounds mean no resample defined it."""
-    confidence, correct = check_inputs(confidence, correct)
-    rng = np.random.default_rng(seed)
-    n = correct.size
-    draws = np.full((resamples, len(METRIC_NAMES)), np.nan)
-    for i in range(resamples):
-        idx = rng.integers(0, n, n)
-        values = _metrics_from_groups(_TieGroups.of(confidence[idx], correct[idx]))
-        draws[i] = [values[name] for name in METRIC_NAMES]
-    intervals = {}
-    for j, name in enumerate(METRIC_NAMES):
-        finite = draws[:, j][np.isfinite(draws[:, j])]
-        low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (np.nan, np.nan)
-        intervals[name] = (float(low), float(high))
-    return intervals
+    """Observed ``metric(a) - metric(b)`` and the 95% percentile interval of the difference
+    over resamples drawn for both methods at once (resamples where it is undefined are
+    dropped). ``metric`` is one of :data:`METRIC_NAMES`."""
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRIC_NAMES)}")
+    j = METRIC_NAMES.index(metric)
+    draws = bootstrap_draws({"a": confidence_a, "b": confidence_b}, correct, resamples, seed)
+    observed = failure_metrics(confidence_a, correct)[metric] - failure_metrics(
+        confidence_b, correct)[metric]
+    low, high = percentile_interval(draws["a"][:, j] - draws["b"][:, j])
+    return float(observed), low, high

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,15 @@ def build_mlp(input_shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
 def build_classifier(input_shape: tuple[int, ...], num_classes: int,
                      cfg: dict[str, Any]) -> Classifier:
     return MODELS[cfg["model"]](tuple(input_shape), num_classes, cfg)
+
+
+def load_classifier(path: Path, input_shape: tuple[int, ...], num_classes: int,
+                    cfg: dict[str, Any]) -> Classifier:
+    """A classifier saved by the ``train_classifier`` stage, in eval mode, on the CPU.
+    ``weights_only=True``: a weights file never runs code when loaded."""
+    classifier = build_classifier(input_shape, num_classes, cfg)
+    classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return classifier.eval()
 
 
 class ConfidNetHead(nn.Module):

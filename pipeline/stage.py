@@ -22,11 +22,11 @@ def run_stage(name: str, body: StageBody, record: bool = True) -> None:
     its own run). Bad params exit with status 2 and one message."""
     try:
         params = load_params()
-        resolve_device(params["device"])
+        device = resolve_device(params["device"])
     except (ParamsError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    seed_everything(params["seed"])
+    seed_everything(params["seed"], device)
     with stage_run(name, params) as run:
         body(params, run)
     if record:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -58,12 +59,18 @@ class StageRun:
     """A handle that logs to MLflow while it works and turns into a no-op, with one
     warning, the first time MLflow fails."""
 
+    # Per-epoch metrics are sent in batches at most this often: one database round trip
+    # per epoch costs more than a small model's epoch on a CPU.
+    FLUSH_SECONDS = 10.0
+
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.context = dvc_context()
         self._mlflow: Any = None
+        self._pending: list[Any] = []
+        self._last_flush = time.monotonic()
 
     def _fail(self, action: str, error: Exception) -> None:
         warnings.warn(
@@ -98,13 +105,35 @@ class StageRun:
             self._fail("start", error)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics (NaN dropped); per-step ones are buffered and sent in batches."""
         if self._mlflow is None:
             return
+        clean = {k: float(v) for k, v in metrics.items() if v == v}
+        if step is None:
+            try:
+                self._mlflow.log_metrics(clean)
+            except Exception as error:
+                self._fail("log_metrics", error)
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(key, value, now, step) for key, value in clean.items()]
+        if time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send buffered per-step metrics (MLflow takes at most 1,000 per batch)."""
+        pending, self._pending = self._pending, []
+        self._last_flush = time.monotonic()
+        if self._mlflow is None or not pending:
+            return
         try:
-            clean = {k: float(v) for k, v in metrics.items() if v == v}  # drop NaN
-            self._mlflow.log_metrics(clean, step=step)
+            client = self._mlflow.MlflowClient()
+            for start in range(0, len(pending), 1000):
+                client.log_batch(self.run_id, metrics=pending[start:start + 1000])
         except Exception as error:
-            self._fail("log_metrics", error)
+            self._fail("log_batch", error)
 
     def log_artifact(self, path: Path | str) -> None:
         if self._mlflow is None:
@@ -115,6 +144,7 @@ class StageRun:
             self._fail("log_artifact", error)
 
     def end(self, status: str) -> None:
+        self.flush()
         if self._mlflow is None:
             return
         try:

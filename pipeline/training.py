@@ -31,13 +31,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch; deterministic kernels where the backend has them."""
+def seed_everything(seed: int, device: torch.device | None = None) -> None:
+    """Seed Python, numpy and torch. On CUDA, also ask for deterministic kernels (CPU
+    kernels of the ops used here already are; the switch costs ~2 s of imports)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device is not None and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -68,6 +70,30 @@ class FitResult:
     best_value: float
     history: list[dict[str, float]] = field(default_factory=list)
 
+    def record(self, epoch: int, row: dict[str, float], selection_key: str, model: nn.Module,
+               log: EpochLogger) -> None:
+        """Log an epoch and keep the model's weights if ``row[selection_key]`` is the best."""
+        self.history.append({"epoch": epoch, **row})
+        log(epoch, row)
+        if row[selection_key] > self.best_value:
+            self.best_value, self.best_epoch = row[selection_key], epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+
+
+def train_one_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, n: int,
+                    batch_size: int, generator: torch.Generator,
+                    batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """One pass over ``n`` samples in shuffled batches; returns the mean training loss."""
+    model.train()
+    total = 0.0
+    for idx in batches(n, batch_size, generator):
+        loss = batch_loss(idx)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(idx)
+    return total / n
+
 
 def _progress(epochs: int, desc: str) -> tqdm:
     return tqdm(range(1, epochs + 1), desc=desc, unit="epoch", mininterval=1.0, leave=False)
@@ -82,28 +108,19 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
                                 weight_decay=cfg["weight_decay"])
     generator = torch.Generator().manual_seed(seed)
     result = FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(train.x[idx].to(device)), train.y[idx].to(device))
+
     for epoch in _progress(cfg["epochs"], "train classifier"):
-        model.train()
-        total, seen = 0.0, 0
-        for idx in batches(len(train), cfg["batch_size"], generator):
-            x, y = train.x[idx].to(device), train.y[idx].to(device)
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        row = {"train_loss": total / seen}
+        row = {"train_loss": train_one_epoch(model, optimiser, len(train), cfg["batch_size"],
+                                             generator, batch_loss)}
         for name, split in (("train", train), ("val", val)):
             logits = predict(model, split.x, 4096, device)
             row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
         row["val_loss"] = float(nn.functional.cross_entropy(
             predict(model, val.x, 4096, device), val.y))
-        result.history.append({"epoch": epoch, **row})
-        log(epoch, row)
-        if row["val_accuracy"] > result.best_value:
-            result.best_value, result.best_epoch = row["val_accuracy"], epoch
-            result.best_state = copy.deepcopy(model.state_dict())
+        result.record(epoch, row, "val_accuracy", model, log)
     return result
 
 
@@ -134,22 +151,14 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
     start = validate()
     result = FitResult(copy.deepcopy(model.state_dict()), 0, start,
                        [{"epoch": 0, "val_aupr_error": start}])
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return loss_fn(model(train.inputs[idx].to(device)), train.target[idx].to(device),
+                       train.correct[idx].to(device), **loss_kwargs)
+
     for epoch in _progress(epochs, desc):
-        model.train()
-        total, seen = 0.0, 0
-        for idx in batches(len(train.target), batch_size, generator):
-            logit = model(train.inputs[idx].to(device))
-            loss = loss_fn(logit, train.target[idx].to(device), train.correct[idx].to(device),
-                           **loss_kwargs)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        row = {"train_loss": total / seen, "val_aupr_error": validate()}
-        result.history.append({"epoch": epoch, **row})
-        log(epoch, row)
-        if row["val_aupr_error"] > result.best_value:
-            result.best_value, result.best_epoch = row["val_aupr_error"], epoch
-            result.best_state = copy.deepcopy(model.state_dict())
+        row = {"train_loss": train_one_epoch(model, optimiser, len(train.target), batch_size,
+                                             generator, batch_loss),
+               "val_aupr_error": validate()}
+        result.record(epoch, row, "val_aupr_error", model, log)
     return result

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from pipeline.artifacts import BASELINE_SCORES, CLASSIFIER, DATA
 from pipeline.baselines import SCORERS, ScoringContext, fit_temperature
 from pipeline.data import load_dataset
 from pipeline.features import load_features
 from pipeline.io import atomic_write_npz
-from pipeline.models import build_classifier
+from pipeline.models import load_classifier
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
 from pipeline.training import resolve_device
@@ -23,8 +21,8 @@ from pipeline.training import resolve_device
 def body(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     dataset = load_dataset(DATA)
-    classifier = build_classifier(dataset.input_shape, dataset.num_classes, params["classifier"])
-    classifier.load_state_dict(torch.load(CLASSIFIER, map_location="cpu", weights_only=True))
+    classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
+                                     params["classifier"])
     classifier.to(device)
     train = load_features("train")
     val = load_features("val")

@@ -14,11 +14,10 @@ from pipeline.features import load_features
 from pipeline.io import atomic_write_json, atomic_write_text, load_npz, rows_csv
 from pipeline.methods import CHALLENGERS, ORACLES
 from pipeline.metrics import (
-    aupr_error,
-    aurc,
-    bootstrap_intervals,
+    METRIC_NAMES,
+    bootstrap_draws,
     failure_metrics,
-    paired_bootstrap,
+    percentile_interval,
     pr_error_curve,
     risk_coverage_curve,
 )
@@ -46,23 +45,26 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_write_json(METRICS / "evaluate.json", results["test"])
     atomic_write_json(METRICS / "validation.json", results["val"])
 
-    resamples = params["evaluate"]["bootstrap_resamples"]
-    intervals = {m: bootstrap_intervals(s["test"], correct["test"], resamples, params["seed"])
-                 for m, s in scores.items()}
+    # One bootstrap for everything: each resample scores every method on the same samples,
+    # so the intervals and the paired differences agree with each other.
+    draws = bootstrap_draws({m: s["test"] for m, s in scores.items()}, correct["test"],
+                            params["evaluate"]["bootstrap_resamples"], params["seed"])
+    intervals = {m: {name: percentile_interval(d[:, j]) for j, name in enumerate(METRIC_NAMES)}
+                 for m, d in draws.items()}
     atomic_write_json(METRICS / "intervals.json", intervals)
 
+    test = results["test"]["methods"]
     significance: dict[str, Any] = {}
     for challenger in CHALLENGERS:
         for baseline in scores:
             if baseline in CHALLENGERS or baseline in ORACLES:
                 continue
-            for metric_name, metric in (("aupr_error", aupr_error), ("aurc", aurc)):
-                diff, low, high = paired_bootstrap(
-                    scores[challenger]["test"], scores[baseline]["test"], correct["test"],
-                    metric, resamples, params["seed"])
-                significance.setdefault(challenger, {}).setdefault(baseline, {})[metric_name] = {
-                    "difference": diff, "ci_low": low, "ci_high": high,
-                    "significant": bool(low > 0 or high < 0),
+            for metric in ("aupr_error", "aurc"):
+                j = METRIC_NAMES.index(metric)
+                low, high = percentile_interval(draws[challenger][:, j] - draws[baseline][:, j])
+                significance.setdefault(challenger, {}).setdefault(baseline, {})[metric] = {
+                    "difference": test[challenger][metric] - test[baseline][metric],
+                    "ci_low": low, "ci_high": high, "significant": bool(low > 0 or high < 0),
                 }
     atomic_write_json(METRICS / "significance.json", significance)
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from pipeline.artifacts import CLASSIFIER, DATA
 from pipeline.data import SPLITS, load_dataset
 from pipeline.features import extract, save_features
-from pipeline.models import build_classifier
+from pipeline.models import load_classifier
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
 from pipeline.training import resolve_device
@@ -18,8 +16,8 @@ from pipeline.training import resolve_device
 def body(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     data = load_dataset(DATA)
-    classifier = build_classifier(data.input_shape, data.num_classes, params["classifier"])
-    classifier.load_state_dict(torch.load(CLASSIFIER, map_location="cpu", weights_only=True))
+    classifier = load_classifier(CLASSIFIER, data.input_shape, data.num_classes,
+                                     params["classifier"])
     classifier.to(device)
     for split in SPLITS:
         features = extract(classifier, data[split], 4096, device)

@@ -29,7 +29,7 @@ from pipeline.io import (
     history_csv,
 )
 from pipeline.losses import LOSSES
-from pipeline.models import ConfidNetHead, ConfidNetModel, build_classifier
+from pipeline.models import ConfidNetHead, ConfidNetModel, load_classifier
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
 from pipeline.training import confidence_scores, fit_confidence, resolve_device
@@ -40,8 +40,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     cfg, head_cfg = params["finetune"], params["confidnet"]
     dataset = load_dataset(DATA)
-    classifier = build_classifier(dataset.input_shape, dataset.num_classes, params["classifier"])
-    classifier.load_state_dict(torch.load(CLASSIFIER, map_location="cpu", weights_only=True))
+    classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
+                                     params["classifier"])
     head = ConfidNetHead(classifier.feature_dim, head_cfg["width"], head_cfg["layers"])
     head.load_state_dict(torch.load(CONFIDNET, map_location="cpu", weights_only=True))
     model = ConfidNetModel(classifier, head)

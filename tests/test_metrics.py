@@ -447,7 +447,7 @@ def test_bad_inputs_raise_value_error_naming_the_problem(fn, conf, correct, mess
 def test_paired_bootstrap_validates_inputs(conf, correct, message) -> None:
     good = np.linspace(0, 1, len(conf)) if len(conf) else conf
     with pytest.raises(ValueError, match=message):
-        M.paired_bootstrap(conf, good, correct, M.aurc, resamples=10, seed=0)
+        M.paired_bootstrap(conf, good, correct, "aurc", resamples=10, seed=0)
 
 
 # -------------------------------------------------------------------- paired bootstrap
@@ -463,9 +463,9 @@ def _bootstrap_case(n: int = 150) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_paired_bootstrap_deterministic_given_seed() -> None:
     a, b, correct = _bootstrap_case()
-    first = M.paired_bootstrap(a, b, correct, M.aurc, resamples=200, seed=3)
-    second = M.paired_bootstrap(a, b, correct, M.aurc, resamples=200, seed=3)
-    other = M.paired_bootstrap(a, b, correct, M.aurc, resamples=200, seed=4)
+    first = M.paired_bootstrap(a, b, correct, "aurc", resamples=200, seed=3)
+    second = M.paired_bootstrap(a, b, correct, "aurc", resamples=200, seed=3)
+    other = M.paired_bootstrap(a, b, correct, "aurc", resamples=200, seed=4)
     assert first == second
     assert first[0] == other[0]  # observed difference does not depend on the seed
     assert (first[1], first[2]) != (other[1], other[2])
@@ -473,7 +473,7 @@ def test_paired_bootstrap_deterministic_given_seed() -> None:
 
 def test_paired_bootstrap_interval_contains_observed_difference() -> None:
     a, b, correct = _bootstrap_case()
-    observed, low, high = M.paired_bootstrap(a, b, correct, M.aurc, resamples=300, seed=0)
+    observed, low, high = M.paired_bootstrap(a, b, correct, "aurc", resamples=300, seed=0)
     assert observed == pytest.approx(M.aurc(a, correct) - M.aurc(b, correct))
     assert low <= observed <= high
     assert low < high
@@ -483,7 +483,7 @@ def test_paired_bootstrap_interval_contains_observed_difference() -> None:
 
 def test_paired_bootstrap_identical_scores_zero_difference() -> None:
     a, _, correct = _bootstrap_case()
-    assert M.paired_bootstrap(a, a.copy(), correct, M.aurc, resamples=100, seed=0) == (
+    assert M.paired_bootstrap(a, a.copy(), correct, "aurc", resamples=100, seed=0) == (
         0.0, 0.0, 0.0)
 
 
@@ -492,7 +492,7 @@ def test_paired_bootstrap_drops_undefined_resamples() -> None:
     conf_a = np.linspace(1.0, 0.0, 12)
     conf_b = conf_a[::-1].copy()
     correct = np.r_[np.ones(11, int), [0]]
-    observed, low, high = M.paired_bootstrap(conf_a, conf_b, correct, M.aupr_error,
+    observed, low, high = M.paired_bootstrap(conf_a, conf_b, correct, "aupr_error",
                                              resamples=100, seed=1)
     assert observed == pytest.approx(1.0 - 1 / 12)
     assert np.isfinite(low) and np.isfinite(high)
@@ -501,7 +501,7 @@ def test_paired_bootstrap_drops_undefined_resamples() -> None:
 def test_paired_bootstrap_all_resamples_undefined_gives_nan_interval() -> None:
     conf = np.array([0.2, 0.4, 0.6])
     observed, low, high = M.paired_bootstrap(conf, conf[::-1].copy(), np.ones(3, int),
-                                             M.aupr_error, resamples=20, seed=0)
+                                             "aupr_error", resamples=20, seed=0)
     assert math.isnan(observed) and math.isnan(low) and math.isnan(high)
 
 
