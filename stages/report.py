@@ -104,6 +104,9 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
         "ConfidNet minus each baseline, in points; positive is better for AUPR-Error, "
         "negative is better for AURC. Significant means the 95% interval excludes zero.", "",
         significance_table(significance), "",
+        f"These numbers come from one seed ({params['seed']}). For mean ± std across seeds, "
+        "run the seeds as DVC experiments and aggregate them with "
+        "`python -m pipeline.aggregate` (writes `reports/seeds.md`).", "",
     ]
     out += ["## Figures", ""]
     out += [f"![{caption}](figures/{name})\n\n*{caption}*\n" for name, caption in figures]

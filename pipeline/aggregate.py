@@ -1,0 +1,165 @@
+"""Mean and standard deviation across seeds of DVC experiments.
+
+Run several seeds as DVC experiments, then aggregate them::
+
+    for s in 0 1 2 3 4; do dvc exp run --queue -S seed=$s; done
+    dvc queue start -j 2          # wait for `dvc queue status` to show them done
+    python -m pipeline.aggregate  # writes reports/seeds.md and reports/seeds.json
+
+Experiments are grouped by every parameter except ``seed``; each group gives, per method
+and metric, the mean, the sample standard deviation and the number of seeds. The test
+metrics come from each experiment's ``metrics/evaluate.json`` as DVC recorded it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.methods import method_label, ordered_methods
+from pipeline.report import TABLE_COLUMNS
+
+EVALUATE_METRICS = "metrics/evaluate.json"
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    name: str
+    params: dict[str, Any]
+    test: dict[str, Any]  # the content of metrics/evaluate.json
+
+
+def _revisions(exp_show: Sequence[Mapping[str, Any]]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for entry in exp_show:
+        if entry.get("data"):
+            yield entry.get("name") or entry["rev"], entry["data"]
+        for experiment in entry.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                if rev.get("data"):
+                    yield rev.get("name") or rev["rev"], rev["data"]
+
+
+def parse_exp_show(exp_show: Sequence[Mapping[str, Any]]) -> list[ExperimentResult]:
+    """Results of every revision in ``dvc exp show --json`` output that has test metrics.
+    The workspace is skipped when an experiment has the same params (it is that run)."""
+    results = []
+    for name, data in _revisions(exp_show):
+        metrics = (data.get("metrics") or {}).get(EVALUATE_METRICS, {}).get("data")
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data")
+        if metrics and params:
+            results.append(ExperimentResult(name, params, metrics))
+    others = [json.dumps(r.params, sort_keys=True) for r in results if r.name != "workspace"]
+    return [r for r in results
+            if r.name != "workspace" or json.dumps(r.params, sort_keys=True) not in others]
+
+
+def _without_seed(params: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in params.items() if k != "seed"}, sort_keys=True)
+
+
+def aggregate(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
+    """One group per distinct params-but-seed: seeds, experiment names, test errors, and
+    per method and metric {mean, std, n}. std is the sample standard deviation (NaN for
+    one seed); NaN metric values (undefined on a run) are left out of that metric."""
+    groups: dict[str, list[ExperimentResult]] = {}
+    for result in results:
+        groups.setdefault(_without_seed(result.params), []).append(result)
+    out = []
+    for members in groups.values():
+        members = sorted(members, key=lambda r: r.params.get("seed", 0))
+        methods = sorted({m for r in members for m in r.test["methods"]})
+        summary: dict[str, dict[str, dict[str, float]]] = {}
+        for method in methods:
+            names = sorted({k for r in members for k in r.test["methods"].get(method, {})})
+            for name in names:
+                values = np.array([r.test["methods"][method][name] for r in members
+                                   if name in r.test["methods"].get(method, {})], dtype=float)
+                values = values[np.isfinite(values)]
+                summary.setdefault(method, {})[name] = {
+                    "mean": float(values.mean()) if values.size else math.nan,
+                    "std": float(values.std(ddof=1)) if values.size > 1 else math.nan,
+                    "n": int(values.size),
+                }
+        out.append({
+            "params": {k: v for k, v in members[0].params.items() if k != "seed"},
+            "seeds": [r.params.get("seed") for r in members],
+            "experiments": [r.name for r in members],
+            "test_errors": [r.test.get("errors") for r in members],
+            "methods": summary,
+        })
+    return out
+
+
+def _differing_params(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    from pipeline.tracking import flatten
+
+    flat = [flatten(g["params"]) for g in groups]
+    keys = sorted({k for f in flat for k in f})
+    return [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+
+
+def cell(stats: Mapping[str, float] | None) -> str:
+    if not stats or math.isnan(stats["mean"]):
+        return "n/a"
+    if math.isnan(stats["std"]):
+        return f"{100 * stats['mean']:.2f}"
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+
+
+def render(groups: Sequence[Mapping[str, Any]]) -> str:
+    from pipeline.tracking import flatten
+
+    differing = _differing_params(groups)
+    lines = ["# Results across seeds", "",
+             "Test metrics (%) as mean ± sample standard deviation over the seeds of each "
+             "group of DVC experiments that share every parameter but `seed`.", ""]
+    for group in groups:
+        flat = flatten(group["params"])
+        title = ", ".join(f"`{k}={flat.get(k)}`" for k in differing) or "all experiments"
+        lines += [f"## {title}", "",
+                  f"Seeds {group['seeds']} (experiments {', '.join(group['experiments'])}); "
+                  f"test errors per seed: {group['test_errors']}.", "",
+                  "| Method | " + " | ".join(t for _, t, _ in TABLE_COLUMNS) + " |",
+                  "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+        for method in ordered_methods(list(group["methods"])):
+            stats = group["methods"][method]
+            lines.append(f"| {method_label(method)} | "
+                         + " | ".join(cell(stats.get(k)) for k, _, _ in TABLE_COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Mean and std across seeds of DVC experiments")
+    parser.add_argument("--out", type=Path, default=Path("reports/seeds.md"))
+    parser.add_argument("--all-commits", action="store_true",
+                        help="include experiments of every commit, not only HEAD's")
+    args = parser.parse_args(argv)
+    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+    if args.all_commits:
+        command.append("--all-commits")
+    shown = subprocess.run(command, capture_output=True, text=True, check=False)
+    if shown.returncode != 0:
+        raise SystemExit(f"error: `dvc exp show --json` failed:\n{shown.stderr.strip()}")
+    groups = aggregate(parse_exp_show(json.loads(shown.stdout)))
+    if not groups:
+        raise SystemExit("error: no experiment with metrics/evaluate.json found; run "
+                         "`dvc repro` or `dvc exp run` first")
+    atomic_write_text(args.out, render(groups))
+    atomic_write_json(args.out.with_suffix(".json"), groups)
+    print(f"wrote {args.out} ({len(groups)} group(s), "
+          f"{sum(len(g['seeds']) for g in groups)} experiment(s))")
+
+
+if __name__ == "__main__":
+    main()

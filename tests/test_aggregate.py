@@ -1,0 +1,122 @@
+"""``pipeline.aggregate``: mean and std across seeds of DVC experiments."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.aggregate import ExperimentResult, aggregate, parse_exp_show, render
+
+
+def _result(name: str, seed: int, loss: str, aupr_error: float) -> ExperimentResult:
+    return ExperimentResult(name, {"seed": seed, "loss": loss, "confidnet": {"epochs": 5}},
+                            {"methods": {"mcp": {"aupr_error": aupr_error, "auroc": 0.9}},
+                             "errors": 10 + seed, "size": 100})
+
+
+def test_groups_by_everything_but_seed_with_sample_std() -> None:
+    groups = aggregate([_result("a", 0, "mse", 0.2), _result("b", 1, "mse", 0.4),
+                        _result("c", 2, "mse", 0.6), _result("d", 0, "focal", 0.5)])
+    assert len(groups) == 2
+    mse = next(g for g in groups if g["params"]["loss"] == "mse")
+    assert mse["seeds"] == [0, 1, 2]
+    assert mse["test_errors"] == [10, 11, 12]
+    stats = mse["methods"]["mcp"]["aupr_error"]
+    assert stats["mean"] == pytest.approx(0.4)
+    assert stats["std"] == pytest.approx(0.2)  # sample std of 0.2, 0.4, 0.6
+    assert stats["n"] == 3
+    focal = next(g for g in groups if g["params"]["loss"] == "focal")
+    assert math.isnan(focal["methods"]["mcp"]["aupr_error"]["std"])  # one seed
+
+
+def test_nan_values_are_left_out_of_their_metric() -> None:
+    groups = aggregate([_result("a", 0, "mse", float("nan")), _result("b", 1, "mse", 0.4)])
+    stats = groups[0]["methods"]["mcp"]["aupr_error"]
+    assert stats == {"mean": pytest.approx(0.4), "std": stats["std"], "n": 1}
+    assert math.isnan(stats["std"])
+
+
+def test_render_names_the_differing_params_and_shows_mean_and_std() -> None:
+    text = render(aggregate([_result("a", 0, "mse", 0.2), _result("b", 1, "mse", 0.4),
+                             _result("c", 0, "focal", 0.5)]))
+    assert "`loss=mse`" in text and "`loss=focal`" in text
+    assert "30.00 ± 14.14" in text  # mean 0.3, sample std 0.1414 of 0.2 and 0.4
+    assert "confidnet.epochs" not in text  # the same in every group
+
+
+STAGE = """\
+import json, yaml
+p = yaml.safe_load(open("params.yaml"))
+value = 0.1 * p["seed"] + (0.5 if p["loss"] == "focal" else 0.0)
+json.dump({"methods": {"mcp": {"aupr_error": value}}, "errors": 7, "size": 50},
+          open("metrics/evaluate.json", "w"))
+"""
+
+DVC_YAML = """\
+stages:
+  evaluate:
+    cmd: mkdir -p metrics && python stage.py
+    deps: [stage.py]
+    params: [seed, loss]
+    metrics: [metrics/evaluate.json]
+"""
+
+
+@pytest.mark.slow
+def test_aggregates_real_dvc_experiments(tmp_path: Path) -> None:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "t@example.com")
+    run("git", "config", "user.name", "t")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("seed: 0\nloss: mse\n")
+    (tmp_path / "stage.py").write_text(STAGE)
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "init")
+    for seed in (0, 1, 2):
+        for loss in ("mse", "focal"):
+            run(sys.executable, "-m", "dvc", "exp", "run", "-S", f"seed={seed}",
+                "-S", f"loss={loss}")
+    run(sys.executable, "-m", "pipeline.aggregate", "--out", "reports/seeds.md")
+    groups = json.loads((tmp_path / "reports" / "seeds.json").read_text())
+    by_loss = {g["params"]["loss"]: g for g in groups}
+    assert set(by_loss) == {"mse", "focal"}
+    for loss, offset in (("mse", 0.0), ("focal", 0.5)):
+        group = by_loss[loss]
+        assert sorted(group["seeds"]) == [0, 1, 2]
+        stats = group["methods"]["mcp"]["aupr_error"]
+        assert stats["mean"] == pytest.approx(0.1 + offset)
+        assert stats["std"] == pytest.approx(0.1)
+    assert "± 10.00" in (tmp_path / "reports" / "seeds.md").read_text()
+
+
+def test_parse_skips_workspace_duplicate_and_revisions_without_metrics() -> None:
+    def data(seed: int, metrics: dict | None) -> dict:
+        return {"params": {"params.yaml": {"data": {"seed": seed, "loss": "mse"}}},
+                "metrics": {"metrics/evaluate.json": {"data": metrics} if metrics
+                            else {"error": {"type": "FileNotFoundError"}}}}
+
+    m = {"methods": {"mcp": {"aupr_error": 0.3}}, "errors": 3}
+    shown = [
+        {"rev": "workspace", "name": None, "data": data(2, m), "experiments": None},
+        {"rev": "abc", "name": "main", "data": data(0, None), "experiments": [
+            {"revs": [{"rev": "e1", "name": "exp-one", "data": data(2, m)}]},
+            {"revs": [{"rev": "e2", "name": "exp-two", "data": data(1, m)}]},
+        ]},
+    ]
+    names = [r.name for r in parse_exp_show(shown)]
+    assert names == ["exp-one", "exp-two"]
