@@ -22,6 +22,9 @@ METHOD_LABELS: dict[str, str] = {
 # ConfidNet's two phases are compared against every other method except the oracles.
 CHALLENGERS = ("confidnet", "confidnet_finetuned")
 ORACLES = ("tcp_oracle",)
+# The methods of the paper's Table 1 and Fig. 3, which the report's figures show.
+PAPER_METHODS = ("mcp", "mc_dropout", "trustscore", "confidnet", "confidnet_finetuned",
+                 "tcp_oracle")
 
 
 def method_label(method: str) -> str:
