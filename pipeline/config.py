@@ -100,6 +100,7 @@ SCHEMA: dict[str, Any] = {
     "loss": Spec(str, choices=_registry_names("pipeline.losses", "LOSSES")),
     "criterion": Spec(str, choices=_registry_names("pipeline.losses", "CRITERIA")),
     "device": Spec(str, validator=_is_device, pattern_help="auto, cpu, cuda, cuda:N"),
+    "checkpoint_every_seconds": Spec(float, minimum=0.0),
     "data": {
         "test_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),
         "val_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.checkpoint import Checkpointer
 from pipeline.data import Split
 from pipeline.metrics import aupr_error
 
@@ -95,24 +97,74 @@ def train_one_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, n: int,
     return total / n
 
 
-def _progress(epochs: int, desc: str) -> tqdm:
-    return tqdm(range(1, epochs + 1), desc=desc, unit="epoch", mininterval=1.0, leave=False)
+def _progress(epochs: int, desc: str, done: int = 0) -> tqdm:
+    return tqdm(range(done + 1, epochs + 1), desc=desc, unit="epoch", mininterval=1.0,
+                leave=False, initial=done, total=epochs)
+
+
+def _training_state(model: nn.Module, optimiser: torch.optim.Optimizer,
+                    generator: torch.Generator, result: FitResult) -> dict[str, Any]:
+    """Everything an epoch boundary depends on: weights, optimiser, batch-order generator,
+    torch's global RNG (dropout) and the result so far. The loops draw from no Python or
+    numpy RNG, so those are not saved."""
+    state = {
+        "model": model.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "result": {"best_state": result.best_state, "best_epoch": result.best_epoch,
+                   "best_value": result.best_value, "history": result.history},
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _resume(checkpointer: Checkpointer | None, model: nn.Module,
+            optimiser: torch.optim.Optimizer, generator: torch.Generator, epochs: int,
+            log: EpochLogger) -> tuple[int, FitResult | None]:
+    """Restore the last checkpoint, if any: ``(epochs done, result so far)``, else
+    ``(0, None)``. Epochs already done are logged again, so a fresh tracking run still
+    gets the whole curve."""
+    loaded = checkpointer.load() if checkpointer is not None else None
+    if checkpointer is None or loaded is None:
+        return 0, None
+    done, state = loaded
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available() \
+            and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
+    result = FitResult(**state["result"])
+    print(f"resuming {checkpointer.stage} from epoch {done + 1} of {epochs} "
+          f"({checkpointer.folder})", file=sys.stderr, flush=True)
+    for row in result.history:
+        if row["epoch"] > 0:
+            log(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+    return done, result
 
 
 def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, Any],
-                     device: torch.device, seed: int, log: EpochLogger) -> FitResult:
+                     device: torch.device, seed: int, log: EpochLogger,
+                     checkpointer: Checkpointer | None = None) -> FitResult:
     """Cross-entropy training with SGD (paper eq. 1); keeps the epoch with the best
-    validation accuracy, as the authors do."""
+    validation accuracy, as the authors do. With a ``checkpointer``, resumes from its
+    last checkpoint and saves one after every epoch."""
     model.to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
     generator = torch.Generator().manual_seed(seed)
-    result = FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
+    done, result = _resume(checkpointer, model, optimiser, generator, cfg["epochs"], log)
+    if result is None:
+        result = FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(model(train.x[idx].to(device)), train.y[idx].to(device))
 
-    for epoch in _progress(cfg["epochs"], "train classifier"):
+    for epoch in _progress(cfg["epochs"], "train classifier", done):
         row = {"train_loss": train_one_epoch(model, optimiser, len(train), cfg["batch_size"],
                                              generator, batch_loss)}
         for name, split in (("train", train), ("val", val)):
@@ -121,6 +173,8 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
         row["val_loss"] = float(nn.functional.cross_entropy(
             predict(model, val.x, 4096, device), val.y))
         result.record(epoch, row, "val_accuracy", model, log)
+        if checkpointer is not None and checkpointer.due():
+            checkpointer.save(epoch, _training_state(model, optimiser, generator, result))
     return result
 
 
@@ -136,10 +190,12 @@ class ConfidenceData:
 def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                    loss_fn: Callable[..., torch.Tensor], loss_kwargs: dict[str, float],
                    epochs: int, lr: float, batch_size: int, device: torch.device, seed: int,
-                   log: EpochLogger, desc: str) -> FitResult:
+                   log: EpochLogger, desc: str,
+                   checkpointer: Checkpointer | None = None) -> FitResult:
     """Train a model that maps inputs to a confidence logit (Adam, as the authors do);
     keep the epoch with the best validation AUPR-Error. Epoch 0 is the starting point,
-    so fine-tuning can never end worse on validation than where it began."""
+    so fine-tuning can never end worse on validation than where it began. With a
+    ``checkpointer``, resumes from its last checkpoint and saves one after every epoch."""
     model.to(device)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -148,17 +204,21 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
         value = aupr_error(confidence_scores(model, val.inputs, device), val.correct.numpy())
         return -1.0 if np.isnan(value) else value
 
-    start = validate()
-    result = FitResult(copy.deepcopy(model.state_dict()), 0, start,
-                       [{"epoch": 0, "val_aupr_error": start}])
+    done, result = _resume(checkpointer, model, optimiser, generator, epochs, log)
+    if result is None:
+        start = validate()
+        result = FitResult(copy.deepcopy(model.state_dict()), 0, start,
+                           [{"epoch": 0, "val_aupr_error": start}])
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         return loss_fn(model(train.inputs[idx].to(device)), train.target[idx].to(device),
                        train.correct[idx].to(device), **loss_kwargs)
 
-    for epoch in _progress(epochs, desc):
+    for epoch in _progress(epochs, desc, done):
         row = {"train_loss": train_one_epoch(model, optimiser, len(train.target), batch_size,
                                              generator, batch_loss),
                "val_aupr_error": validate()}
         result.record(epoch, row, "val_aupr_error", model, log)
+        if checkpointer is not None and checkpointer.due():
+            checkpointer.save(epoch, _training_state(model, optimiser, generator, result))
     return result

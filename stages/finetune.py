@@ -19,6 +19,7 @@ from pipeline.artifacts import (
     METRICS,
     PLOTS,
 )
+from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
 from pipeline.features import confidence_targets, load_features
 from pipeline.io import (
@@ -38,6 +39,7 @@ from stages.train_confidnet import loss_kwargs
 
 def body(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
+    checkpointer = Checkpointer.for_stage("finetune", params)
     cfg, head_cfg = params["finetune"], params["confidnet"]
     dataset = load_dataset(DATA)
     classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
@@ -54,6 +56,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         loss_kwargs(params), epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
         device=device, seed=params["seed"],
         log=lambda epoch, row: run.log_metrics(row, step=epoch), desc="finetune",
+        checkpointer=checkpointer,
     )
     model.load_state_dict(result.best_state)
     atomic_torch_save(CONFIDNET_FINETUNED, result.best_state)
@@ -66,6 +69,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_write_text(PLOTS / "finetune_curves.csv", history_csv(result.history))
     run.log_metrics({"best_epoch": result.best_epoch, "best_val_aupr_error": result.best_value})
     run.log_artifact(CONFIDNET_FINETUNED)
+    checkpointer.clear()  # outputs written: nothing left to resume
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.artifacts import CLASSIFIER, DATA, METRICS, PLOTS
+from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, history_csv
 from pipeline.models import build_classifier
@@ -15,11 +16,13 @@ from pipeline.training import resolve_device, train_classifier
 
 def body(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
+    checkpointer = Checkpointer.for_stage("train_classifier", params)
     data = load_dataset(DATA)
     cfg = params["classifier"]
     model = build_classifier(data.input_shape, data.num_classes, cfg)
     result = train_classifier(model, data["train"], data["val"], cfg, device, params["seed"],
-                              log=lambda epoch, row: run.log_metrics(row, step=epoch))
+                              log=lambda epoch, row: run.log_metrics(row, step=epoch),
+                              checkpointer=checkpointer)
     atomic_torch_save(CLASSIFIER, result.best_state)
     best = result.history[result.best_epoch - 1]
     summary = {"best_epoch": result.best_epoch, "val_accuracy": best["val_accuracy"],
@@ -28,6 +31,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_write_text(PLOTS / "classifier_curves.csv", history_csv(result.history))
     run.log_metrics({f"best_{k}": v for k, v in summary.items()})
     run.log_artifact(CLASSIFIER)
+    checkpointer.clear()  # outputs written: nothing left to resume
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.artifacts import CONFIDNET, CONFIDNET_SCORES, METRICS, PLOTS
+from pipeline.checkpoint import Checkpointer
 from pipeline.features import confidence_targets, load_features
 from pipeline.io import (
     atomic_torch_save,
@@ -32,6 +33,7 @@ def loss_kwargs(params: dict[str, Any]) -> dict[str, float]:
 
 def body(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
+    checkpointer = Checkpointer.for_stage("train_confidnet", params)
     cfg = params["confidnet"]
     splits = {s: load_features(s) for s in ("train", "val", "test")}
     data = {s: confidence_targets(f, params["criterion"]) for s, f in splits.items()}
@@ -41,6 +43,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], device=device,
         seed=params["seed"], log=lambda epoch, row: run.log_metrics(row, step=epoch),
         desc="train confidnet",
+        checkpointer=checkpointer,
     )
     head.load_state_dict(result.best_state)
     atomic_torch_save(CONFIDNET, result.best_state)
@@ -58,6 +61,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     run.log_metrics({"best_epoch": result.best_epoch, "best_val_aupr_error": result.best_value,
                      "train_errors": summary["train_errors"]})
     run.log_artifact(CONFIDNET)
+    checkpointer.clear()  # outputs written: nothing left to resume
 
 
 if __name__ == "__main__":
