@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +180,32 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-06`` (no dot) as a string; DVC writes numbers that way after
+    ``dvc exp run -S lr=1e-6``. Resolve every decimal or scientific literal as a float,
+    as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
     """Read and validate ``params.yaml`` (relative to the working directory, which DVC
     sets to the copy being run, not to ``DVC_ROOT``)."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} not found; run from the project root")
-    with open(path) as handle:
-        params = yaml.safe_load(handle) or {}
+    params = read_yaml(path.read_text()) or {}
     return validate(params)

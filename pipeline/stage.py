@@ -1,14 +1,16 @@
 """What every stage does around its work: validate params first, track the run in MLflow,
-record the run ids for the report."""
+record the run ids for the report. Bad params and unusable data stop the stage with exit
+status 2 and one message, no traceback."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline.artifacts import run_record_path
 from pipeline.config import ParamsError, load_params
+from pipeline.data import DataError
 from pipeline.io import atomic_write_json
 from pipeline.tracking import StageRun, stage_run
 from pipeline.training import resolve_device, seed_everything
@@ -19,15 +21,23 @@ StageBody = Callable[[dict[str, Any], StageRun], None]
 def run_stage(name: str, body: StageBody, record: bool = True) -> None:
     """Validate ``params.yaml`` (before any work), seed, run ``body`` inside an MLflow
     run, then write ``runs/<name>.json`` (unless ``record`` is false: the report prints
-    its own run). Bad params exit with status 2 and one message."""
+    its own run). Bad params, and a dataset that fails its checks (:class:`DataError`: the
+    MLflow run is then marked FAILED), exit with status 2 and one message."""
     try:
         params = load_params()
         device = resolve_device(params["device"])
     except (ParamsError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _stop(error)
     seed_everything(params["seed"], device)
-    with stage_run(name, params) as run:
-        body(params, run)
+    try:
+        with stage_run(name, params) as run:
+            body(params, run)
+    except DataError as error:
+        _stop(error)
     if record:
         atomic_write_json(run_record_path(name), run.record())
+
+
+def _stop(error: Exception) -> NoReturn:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None

@@ -7,7 +7,13 @@ experiments, which run in temporary copies, still log to the user's store. Artif
 the default store go to ``mlruns/`` beside it.
 
 Tracking never costs a result: if the store is unreachable or locked, the stage warns and
-finishes; its DVC outputs hold every number and can be logged again later.
+finishes; its DVC outputs hold every number, and ``python -m pipeline.replay`` logs them
+later (see pipeline/replay.py).
+
+Failing fast: MLflow's HTTP client retries a dead server for about four minutes by default
+(7 retries with exponential backoff, 120 s timeout). Stages use 1 retry and a 10 s timeout
+unless ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT`` are set. A
+locked SQLite store waits for MLflow's fixed 20 s busy timeout, once.
 """
 
 from __future__ import annotations
@@ -23,9 +29,29 @@ from typing import Any
 
 from pipeline.config import project_root
 
+# MLflow client settings a stage uses unless the environment sets them (see the docstring).
+CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+REPLAY_HINT = "python -m pipeline.replay"
+
+
+def client_defaults() -> None:
+    """Fail fast on a dead server; the user's environment wins. Call before MLflow is used
+    (MLflow reads these variables on each request)."""
+    for name, value in CLIENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def git_commit() -> str:
@@ -43,6 +69,64 @@ def dvc_context() -> dict[str, str]:
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "git_commit": git_commit(),
     }
+
+
+def uses_default_store(uri: str) -> bool:
+    # Not "MLFLOW_TRACKING_URI is unset": mlflow.set_tracking_uri sets it.
+    return uri == default_tracking_uri()
+
+
+def experiment_id(mlflow: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if needed (artifacts of the default store
+    go to ``mlruns/`` beside ``mlflow.db``). Serialised on a fresh SQLite store."""
+    with _first_use_lock(uri):
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = (project_root() / "mlruns").as_uri() if uses_default_store(uri) else None
+        return mlflow.create_experiment(name, location)
+
+
+def run_name(context: Mapping[str, str], stage: str) -> str:
+    return f"{context.get('dvc_exp_name') or 'repro'}:{stage}"
+
+
+def classifier_summary_metrics(summary: Mapping[str, float]) -> dict[str, float]:
+    """The train_classifier stage's final metrics from metrics/classifier.json, prefixed
+    ``best_`` so they do not collide with the per-epoch curves of the same names."""
+    return {k if k.startswith("best_") else f"best_{k}": v for k, v in summary.items()}
+
+
+def evaluation_metrics(results: Mapping[str, Mapping[str, Any]],
+                       intervals: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The evaluate stage's MLflow metrics, named from its outputs: ``results`` maps a
+    split (val, test) to metrics/validation.json or metrics/evaluate.json, ``intervals``
+    is metrics/intervals.json. Names: ``<split>/<method>/<metric>``,
+    ``test/<method>/<metric>_ci_low|high``, ``<split>/size``, ``<split>/errors``."""
+    metrics: dict[str, float] = {}
+    for split, result in results.items():
+        for method, values in result["methods"].items():
+            metrics.update({f"{split}/{method}/{name}": v for name, v in values.items()})
+    for method, values in intervals.items():
+        for name, bounds in values.items():
+            low, high = bounds
+            metrics[f"test/{method}/{name}_ci_low"] = low
+            metrics[f"test/{method}/{name}_ci_high"] = high
+    for split, result in results.items():
+        metrics.update({f"{split}/{key}": result[key] for key in ("size", "errors")})
+    return metrics
+
+
+def finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as floats, NaN and None dropped (MLflow cannot compare them)."""
+    out = {}
+    for key, value in metrics.items():
+        if value is None:
+            continue
+        value = float(value)
+        if value == value:
+            out[key] = value
+    return out
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -74,29 +158,25 @@ class StageRun:
 
     def _fail(self, action: str, error: Exception) -> None:
         warnings.warn(
-            f"MLflow {action} failed ({type(error).__name__}: {error}); the stage goes on "
-            f"without tracking and its DVC outputs keep every result",
+            f"MLflow {action} failed ({type(error).__name__}: {error}); stage "
+            f"{self.stage!r} goes on without tracking and its DVC outputs keep every "
+            f"result. Log them later with `{REPLAY_HINT} --stage {self.stage}` "
+            f"(or `{REPLAY_HINT} --only-missing` for every stage) once the store "
+            f"({tracking_uri()}) works.",
             RuntimeWarning, stacklevel=3,
         )
         self._mlflow = None
 
     def start(self, experiment: str, params: Mapping[str, Any]) -> None:
         try:
+            client_defaults()
             import mlflow
 
             uri = tracking_uri()
             mlflow.set_tracking_uri(uri)
-            with _first_use_lock(uri):
-                found = mlflow.get_experiment_by_name(experiment)
-                if found is None:
-                    location = None
-                    if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-                        location = (project_root() / "mlruns").as_uri()
-                    self.experiment_id = mlflow.create_experiment(experiment, location)
-                else:
-                    self.experiment_id = found.experiment_id
-            name = f"{self.context['dvc_exp_name'] or 'repro'}:{self.stage}"
-            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name,
+            self.experiment_id = experiment_id(mlflow, experiment, uri)
+            run = mlflow.start_run(experiment_id=self.experiment_id,
+                                   run_name=run_name(self.context, self.stage),
                                    tags={**self.context, "dvc_stage": self.stage})
             self.run_id = run.info.run_id
             self._mlflow = mlflow
@@ -108,7 +188,7 @@ class StageRun:
         """Log metrics (NaN dropped); per-step ones are buffered and sent in batches."""
         if self._mlflow is None:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v == v}
+        clean = finite(metrics)
         if step is None:
             try:
                 self._mlflow.log_metrics(clean)
@@ -176,7 +256,7 @@ def _first_use_lock(uri: str) -> Iterator[None]:
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
     """An MLflow run for one stage, ended FINISHED or FAILED."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    client_defaults()
     run = StageRun(stage)
     run.start(params["tracking"]["experiment"], params)
     try:

@@ -22,7 +22,7 @@ from pipeline.metrics import (
     risk_coverage_curve,
 )
 from pipeline.stage import run_stage
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, evaluation_metrics
 
 
 def load_scores() -> dict[str, dict[str, np.ndarray]]:
@@ -79,16 +79,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_write_text(PLOTS / "risk_coverage.csv", rows_csv(rc_rows))
     atomic_write_text(PLOTS / "pr_error.csv", rows_csv(pr_rows))
 
-    run.log_metrics({f"{split}/{method}/{name}": value
-                     for split in ("val", "test")
-                     for method, values in results[split]["methods"].items()
-                     for name, value in values.items()})
-    run.log_metrics({f"test/{method}/{name}_ci_{side}": bound
-                     for method, values in intervals.items()
-                     for name, bounds in values.items()
-                     for side, bound in zip(("low", "high"), bounds, strict=True)})
-    run.log_metrics({f"{split}/{key}": results[split][key]
-                     for split in ("val", "test") for key in ("size", "errors")})
+    run.log_metrics(evaluation_metrics(results, intervals))
     run.log_artifact(METRICS / "evaluate.json")
     run.log_artifact(METRICS / "significance.json")
     run.log_artifact(METRICS / "intervals.json")

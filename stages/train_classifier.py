@@ -10,7 +10,7 @@ from pipeline.data import load_dataset
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, history_csv
 from pipeline.models import build_classifier
 from pipeline.stage import run_stage
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, classifier_summary_metrics
 from pipeline.training import resolve_device, train_classifier
 
 
@@ -29,7 +29,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
                "train_accuracy": best["train_accuracy"]}
     atomic_write_json(METRICS / "classifier.json", summary)
     atomic_write_text(PLOTS / "classifier_curves.csv", history_csv(result.history))
-    run.log_metrics({f"best_{k}": v for k, v in summary.items()})
+    run.log_metrics(classifier_summary_metrics(summary))
     run.log_artifact(CLASSIFIER)
     checkpointer.clear()  # outputs written: nothing left to resume
 

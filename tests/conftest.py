@@ -8,7 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +137,77 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fresh_project(tmp_path: Path) -> Path:
     """A temporary project of its own, for tests that break it."""
     return make_project(tmp_path / "project")
+
+
+# --- fixtures shared by test_tracking.py and test_determinism.py ---------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Reproduced:
+    """A temporary project after one `dvc repro`."""
+
+    path: Path
+    env: dict[str, str]
+    output: str
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def twin_projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Reproduced]:
+    """Two fresh projects, same sources and fast params, each reproduced once, side by
+    side: ``tracked`` logs to its own mlflow.db, ``offline`` has MLFLOW_TRACKING_URI at a
+    closed port. test_determinism compares their outputs; test_tracking checks that the
+    offline one finished and replays it."""
+    root = tmp_path_factory.mktemp("twins")
+    envs = {"tracked": {}, "offline": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}}
+    paths = {name: make_project(root / name) for name in envs}
+    started = time.monotonic()
+    procs = {name: subprocess.Popen(["dvc", "repro"], cwd=paths[name],
+                                    env=subprocess_env(envs[name]), text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for name in envs}
+
+    def finish(name: str) -> Reproduced:
+        output, _ = procs[name].communicate(timeout=600)
+        return Reproduced(paths[name], envs[name], output, time.monotonic() - started)
+
+    try:
+        with ThreadPoolExecutor(len(procs)) as pool:
+            twins = dict(zip(procs, pool.map(finish, procs), strict=True))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, proc in procs.items():
+        if proc.returncode != 0:
+            pytest.fail(f"`dvc repro` exited {proc.returncode} in {paths[name]}:\n"
+                        f"{twins[name].output}", pytrace=False)
+    return twins
+
+
+@pytest.fixture
+def isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """For tests that run a stage in this process: no tracking URI or DVC variables from
+    the caller, MLflow's client defaults unset, and MLflow's process-wide tracking URI
+    (which ``mlflow.set_tracking_uri`` also writes to the environment) restored after."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    from pipeline.tracking import CLIENT_DEFAULTS
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME",
+                 *CLIENT_DEFAULTS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    return monkeypatch

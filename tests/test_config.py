@@ -192,3 +192,12 @@ def test_load_params_from_file(tmp_path: Path, base_params) -> None:
 
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "absent.yaml")
+
+
+def test_scientific_notation_written_by_dvc_is_a_number(tmp_path) -> None:
+    # `dvc exp run -S finetune.lr=1e-6` writes `lr: 1e-06`, a string to plain PyYAML
+    text = PARAMS_FILE.read_text().replace("lr: 0.000001", "lr: 1e-06")
+    assert "1e-06" in text
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params["finetune"]["lr"] == 1e-6

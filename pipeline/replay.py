@@ -1,0 +1,365 @@
+"""Log a finished pipeline's results to MLflow again, from its DVC outputs.
+
+A stage whose MLflow store was down or locked still finished, and its DVC outputs hold
+every number. Once the store works, run from the project root::
+
+    python -m pipeline.replay                   # every stage whose outputs exist
+    python -m pipeline.replay --only-missing    # skip runs the store already holds
+    python -m pipeline.replay --stage evaluate  # one stage (repeatable)
+
+Each stage gets a new MLflow run in the experiment ``tracking.experiment`` of
+``params.yaml``, in the store stages use (``MLFLOW_TRACKING_URI``, else ``mlflow.db``),
+with what the stage itself logs: the flattened ``params.yaml``, its final metrics under
+the same names, its per-epoch curves (``plots/*_curves.csv``) as step metrics, and the tags
+``dvc_stage``, ``dvc_exp_name``, ``git_commit`` of ``runs/<stage>.json`` (for the report,
+its provenance section; else the current checkout), plus ``replayed=true`` and
+``replay_of`` (the recorded run id).
+Differences from the original run: per-epoch values carry the CSV's 6 significant digits
+and include epoch 0 where the CSV has it; artifacts are not logged (they are DVC outputs).
+
+``--only-missing`` skips a stage whose recorded run is in the store and FINISHED, or whose
+outputs were already replayed there (tag ``replay_key``, a hash of what is logged), so it
+can be rerun safely. The workspace must hold the outputs to replay: for an experiment,
+``dvc exp apply <name>`` first. A stage whose ``dvc.lock`` params differ from
+``params.yaml`` is skipped (its outputs do not come from these params). Nothing in the
+workspace is changed. Exit status: 0 done; 1 MLflow failed, or a stage was skipped
+(stale params, unreadable outputs); 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import tracking
+from pipeline.artifacts import BASELINE_SCORES, DATA, METRICS, REPORT, run_record_path
+from pipeline.config import read_yaml
+from pipeline.data import READ_ERRORS, SPLITS
+
+
+def _json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# Final metrics of each stage, from its outputs, named as the stage logs them.
+def _download() -> dict[str, float]:
+    return {f"{s}_size": n for s, n in _json(DATA / "split.json")["sizes"].items()}
+
+
+def _train_classifier() -> dict[str, float]:
+    return tracking.classifier_summary_metrics(_json(METRICS / "classifier.json"))
+
+
+def _extract_features() -> dict[str, float]:
+    from pipeline.features import load_features
+
+    metrics = {}
+    for split in SPLITS:
+        correct = load_features(split).correct
+        metrics[f"{split}_accuracy"] = float(correct.mean())
+        metrics[f"{split}_errors"] = float((1 - correct).sum())
+    return metrics
+
+
+def _train_confidnet() -> dict[str, float]:
+    summary = _json(METRICS / "train_confidnet.json")
+    return {"best_epoch": summary["best_epoch"], "best_val_aupr_error": summary["val_aupr_error"],
+            "train_errors": summary["train_errors"]}
+
+
+def _finetune() -> dict[str, float]:
+    summary = _json(METRICS / "finetune.json")
+    return {"best_epoch": summary["best_epoch"], "best_val_aupr_error": summary["val_aupr_error"]}
+
+
+def _baselines() -> dict[str, float]:
+    from pipeline.baselines import fit_temperature
+    from pipeline.features import load_features
+
+    val = load_features("val")
+    return {"methods": len(list(Path(BASELINE_SCORES).glob("*.npz"))),
+            "temperature": fit_temperature(val.logits, val.labels)}
+
+
+def _evaluate() -> dict[str, float]:
+    results = {"val": _json(METRICS / "validation.json"), "test": _json(METRICS / "evaluate.json")}
+    return tracking.evaluation_metrics(results, _json(METRICS / "intervals.json"))
+
+
+FINAL_METRICS: dict[str, Callable[[], dict[str, float]]] = {
+    "download": _download,
+    "train_classifier": _train_classifier,
+    "extract_features": _extract_features,
+    "train_confidnet": _train_confidnet,
+    "finetune": _finetune,
+    "baselines": _baselines,
+    "evaluate": _evaluate,
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    outputs: list[Path]
+    params: dict[str, Any]  # what dvc.lock recorded for the stage, dotted keys
+
+    def missing(self) -> list[Path]:
+        return [path for path in self.outputs if not path.exists()]
+
+    def curves(self) -> list[Path]:
+        return [p for p in self.outputs if p.name.endswith("_curves.csv")]
+
+
+def pipeline_stages(root: Path = Path()) -> list[Stage]:
+    """The stages of ``dvc.yaml``, in order, with their outputs and locked params."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    lock_path = root / "dvc.lock"
+    lock = read_yaml(lock_path.read_text())["stages"] if lock_path.exists() else {}
+    stages = []
+    for name, stage in spec.items():
+        outputs = []
+        for section in ("outs", "metrics", "plots"):
+            for entry in stage.get(section, []):
+                outputs.append(root / (next(iter(entry)) if isinstance(entry, dict) else entry))
+        locked = lock.get(name, {}).get("params", {}).get("params.yaml", {})
+        stages.append(Stage(name, outputs, dict(locked)))
+    return stages
+
+
+_MISSING = object()
+
+
+def _lookup(params: dict[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal params, reading numbers as DVC writes them (``1e-06``, a string to PyYAML)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if a == b:
+        return True
+    try:
+        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def stale_params(stage: Stage, params: dict[str, Any]) -> list[str]:
+    """Keys whose value in ``params.yaml`` differs from what produced the outputs."""
+    return [key for key, value in stage.params.items()
+            if not _same(_lookup(params, key), value)]
+
+
+def read_curves(path: Path) -> list[tuple[int, str, float]]:
+    """(epoch, metric, value) of a per-epoch CSV; blank cells skipped."""
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            epoch = int(row.pop("epoch"))
+            rows += [(epoch, key, float(value)) for key, value in row.items() if value != ""]
+    return rows
+
+
+def _record(stage: str) -> dict[str, Any] | None:
+    """``runs/<stage>.json``; for the report, which has none, its provenance section."""
+    path = run_record_path(stage)
+    if path.exists():
+        return _json(path)
+    if stage == "report" and REPORT.exists():
+        text = REPORT.read_text()
+        commit = re.search(r"^- Git commit: `([^`]*)`", text, re.M)
+        name = re.search(r"^- DVC experiment: `([^`]*)`", text, re.M)
+        run = re.search(r"^\| report \| `([0-9a-f]+)` \|", text, re.M)
+        if commit and name:
+            return {"git_commit": commit[1], "mlflow_run_id": run[1] if run else None,
+                    "dvc_exp_name": "" if name[1].startswith("(none") else name[1]}
+    return None
+
+
+def _context(stage: str) -> tuple[dict[str, str], str]:
+    """Tags of the original run and its run id (current checkout when unrecorded)."""
+    record = _record(stage) or {"git_commit": tracking.git_commit()}
+    context = {key: str(record.get(key) or "") for key in ("dvc_exp_name", "git_commit")}
+    return {**context, "dvc_stage": stage}, record.get("mlflow_run_id") or ""
+
+
+def _run_exists(client: Any, run_id: str) -> bool:
+    """Whether ``run_id`` is in the store and FINISHED (a run cut off by a tracking failure
+    stays RUNNING and is replayed)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.status == "FINISHED"
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+def _replayed(client: Any, experiment_id: str, key: str) -> str | None:
+    found = client.search_runs(
+        [experiment_id], f"tags.replay_key = '{key}' and attributes.status = 'FINISHED'",
+        max_results=1)
+    return found[0].info.run_id if found else None
+
+
+@dataclass
+class Payload:
+    """What one stage's replayed run holds, read from its outputs."""
+
+    stage: str
+    context: dict[str, str]  # tags of the original run
+    recorded: str  # its run id, "" when none was recorded
+    params: dict[str, str]
+    final: dict[str, float]
+    steps: list[tuple[int, str, float]]  # (epoch, metric, value)
+
+    def key(self) -> str:
+        content = json.dumps([self.stage, self.context, self.params, self.final, self.steps],
+                             sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:20]
+
+
+def read_payload(stage: Stage, params: dict[str, Any]) -> Payload:
+    context, recorded = _context(stage.name)
+    return Payload(
+        stage=stage.name, context=context, recorded=recorded,
+        params={k: str(v) for k, v in tracking.flatten(params).items()},
+        final=tracking.finite(FINAL_METRICS.get(stage.name, dict)()),
+        steps=[row for path in stage.curves() for row in read_curves(path)],
+    )
+
+
+def log_payload(client: Any, experiment_id: str, payload: Payload, only_missing: bool) -> str:
+    """Log one stage's run; returns what happened, for the user."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if only_missing and _run_exists(client, payload.recorded):
+        return f"skipped: its run {payload.recorded} is in the store"
+    key = payload.key()
+    if only_missing and (done := _replayed(client, experiment_id, key)):
+        return f"skipped: already replayed as run {done}"
+
+    tags = {**payload.context, "replayed": "true", "replay_of": payload.recorded}
+    run = client.create_run(experiment_id, tags=tags,
+                            run_name=tracking.run_name(payload.context, payload.stage))
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in payload.final.items()]
+    metrics += [Metric(k, v, now, epoch) for epoch, k, v in payload.steps]
+    params = [Param(k, v) for k, v in payload.params.items()]
+    for start in range(0, len(params), 100):  # MLflow's batch limits
+        client.log_batch(run_id, params=params[start:start + 100])
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    # The key last: a replay cut off half-way is not taken for a complete one.
+    client.log_batch(run_id, tags=[RunTag("replay_key", key)])
+    client.set_terminated(run_id, "FINISHED")
+    return (f"logged run {run_id}: {len(params)} params, {len(payload.final)} final "
+            f"metrics, {len(payload.steps)} per-epoch values")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.replay",
+        description="Log the params and metrics of finished stages to MLflow from their DVC "
+                    "outputs (after the store was unreachable or locked).")
+    parser.add_argument("--stage", action="append", default=[], metavar="NAME",
+                        help="a stage to replay (repeatable); default: every stage whose "
+                             "outputs exist")
+    parser.add_argument("--only-missing", action="store_true",
+                        help="skip stages whose recorded run is in the store, or that were "
+                             "already replayed")
+    args = parser.parse_args(argv)
+
+    from pipeline.config import ParamsError, load_params
+
+    try:
+        params = load_params()
+        stages = pipeline_stages()
+    except (ParamsError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    known = {s.name: s for s in stages}
+    unknown = [name for name in args.stage if name not in known]
+    if unknown:
+        print(f"error: unknown stage {', '.join(map(repr, unknown))}; stages: "
+              f"{', '.join(known)}", file=sys.stderr)
+        return 2
+    if args.stage:
+        chosen = [known[name] for name in known if name in args.stage]
+        absent = {s.name: s.missing() for s in chosen if s.missing()}
+        if absent:
+            for name, paths in absent.items():
+                print(f"error: stage {name!r} has no outputs to replay (missing: "
+                      f"{', '.join(map(str, paths))}); run `dvc repro {name}` or "
+                      f"`dvc checkout`/`dvc pull` first", file=sys.stderr)
+            return 2
+    else:
+        chosen = [s for s in stages if not s.missing()]
+        if not chosen:
+            print("nothing to replay: no stage has its outputs; run `dvc repro` or "
+                  "`dvc pull` first", file=sys.stderr)
+            return 0
+
+    status, payloads = 0, []
+    for stage in chosen:
+        stale = stale_params(stage, params)
+        if stale:
+            print(f"{stage.name}: skipped: its outputs come from other params than "
+                  f"params.yaml ({', '.join(stale)}, see dvc.lock); run `dvc repro` first",
+                  file=sys.stderr)
+            status = 1
+            continue
+        try:
+            payloads.append(read_payload(stage, params))
+        except READ_ERRORS as error:
+            print(f"{stage.name}: skipped: its outputs cannot be read ({type(error).__name__}: "
+                  f"{error}); run `dvc checkout {stage.name}` or `dvc repro {stage.name}`",
+                  file=sys.stderr)
+            status = 1
+    if not payloads:
+        return status
+
+    tracking.client_defaults()
+    import mlflow
+
+    uri = tracking.tracking_uri()
+    try:
+        mlflow.set_tracking_uri(uri)
+        experiment_id = tracking.experiment_id(mlflow, params["tracking"]["experiment"], uri)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        for payload in payloads:
+            outcome = log_payload(client, experiment_id, payload, args.only_missing)
+            print(f"{payload.stage}: {outcome}")
+    except Exception as error:  # the store: unreachable, locked, refusing
+        print(f"error: MLflow at {uri} failed ({type(error).__name__}: {error}); nothing "
+              "is lost, rerun with --only-missing once it works", file=sys.stderr)
+        return 1
+    print(f"MLflow: {uri}, experiment {params['tracking']['experiment']!r}")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Four queued experiments run two at a time (`dvc queue start -j 2`) in a fresh project
+whose mlflow.db does not exist yet, so the first stages of two experiments open it at the
+same moment (the SQLite first-use race of the shared notes). All four succeed, and MLflow
+holds one complete run per experiment, in the project's store (reached through
+DVC_ROOT from the queue's temporary copies), with its artifacts beside it."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run
+
+from pipeline.metrics import METRIC_NAMES
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = {"loss=bce": ("loss", "bce"), "loss=focal": ("loss", "focal"),
+             "loss=ranking": ("loss", "ranking"), "criterion=tcp_r": ("criterion", "tcp_r")}
+MUST_RUN = ("train_confidnet", "finetune", "evaluate", "report")  # what each override reruns
+FINAL = {"Success", "Failed", "Killed", "Reverted"}
+TIMEOUT_S = 540
+
+
+def queue_status(project: Path) -> tuple[dict[str, str], str]:
+    """Experiment name -> status of `dvc queue status`, and its text."""
+    out = run(project, ["dvc", "queue", "status"]).stdout
+    statuses = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{7}", parts[0]):
+            statuses[parts[1]] = parts[-1]
+    return statuses, out
+
+
+def wait_for_queue(project: Path, names: set[str]) -> dict[str, str]:
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        statuses, out = queue_status(project)
+        done = set(statuses) >= names and all(statuses[n] in FINAL for n in names)
+        if done and "Worker status: 0 active, 0 idle" in out:
+            return statuses
+        if time.monotonic() > deadline:
+            pytest.fail(f"queue not done after {TIMEOUT_S} s:\n{out}", pytrace=False)
+        time.sleep(5)
+
+
+def experiments_shown(project: Path) -> dict[str, dict[str, Any]]:
+    """Experiment name -> its `dvc exp show --json` data (params, metrics)."""
+    shown = json.loads(run(project, ["dvc", "exp", "show", "--json"]).stdout)
+    found = {}
+    for commit in shown:
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                found[rev["name"]] = rev["data"]
+    return found
+
+
+def test_four_queued_experiments_two_at_a_time(fresh_project: Path) -> None:
+    import mlflow
+
+    project = fresh_project
+    assert not (project / "mlflow.db").exists()
+    names: dict[str, str] = {}
+    for override in OVERRIDES:
+        out = run(project, ["dvc", "exp", "run", "--queue", "-S", override]).stdout
+        match = re.search(r"Queued experiment '([\w.-]+)'", out)
+        assert match, out
+        names[match[1]] = override
+    assert not (project / "mlflow.db").exists()
+
+    started = time.monotonic()
+    run(project, ["dvc", "queue", "start", "-j", "2"])
+    finished = False
+    try:
+        statuses = wait_for_queue(project, set(names))
+        finished = True
+    finally:
+        if not finished:
+            run(project, ["dvc", "queue", "stop", "--kill"], check=False)
+    elapsed = time.monotonic() - started
+    failed = {n: s for n, s in statuses.items() if n in names and s != "Success"}
+    logs = {n: run(project, ["dvc", "queue", "logs", n], check=False).stdout for n in names}
+    assert not failed, f"{failed}\n" + "\n".join(f"--- {n}\n{logs[n][-3000:]}" for n in failed)
+    for name, log in logs.items():  # no stage lost its tracking (the first-use race)
+        assert "MLflow start failed" not in log and "duplicate column" not in log, (name, log)
+
+    shown = experiments_shown(project)
+    assert set(names) <= set(shown), (names, list(shown))
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("confidnet")
+    # artifacts beside the store, not in a queue's throwaway copy under .dvc/tmp
+    assert experiment.artifact_location.startswith((project / "mlruns").as_uri()), \
+        experiment.artifact_location
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert all(r.info.status == "FINISHED" for r in runs), \
+        [(r.data.tags.get("dvc_exp_name"), r.data.tags.get("dvc_stage"), r.info.status)
+         for r in runs if r.info.status != "FINISHED"]
+    assert {r.data.tags.get("dvc_exp_name") for r in runs} == set(names)
+
+    for name, override in names.items():
+        key, value = OVERRIDES[override]
+        data = shown[name]
+        assert data["params"]["params.yaml"]["data"][key] == value, name
+        evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
+        mine = [r for r in runs if r.data.tags.get("dvc_exp_name") == name]
+        for stage in MUST_RUN:
+            assert sum(r.data.tags["dvc_stage"] == stage for r in mine) == 1, (name, stage)
+        [evaluate] = [r for r in mine if r.data.tags["dvc_stage"] == "evaluate"]
+        assert evaluate.data.params[key] == value, name
+        for method, values in evaluation["methods"].items():
+            for metric in METRIC_NAMES:
+                logged = evaluate.data.metrics[f"test/{method}/{metric}"]
+                assert logged == pytest.approx(values[metric], rel=1e-12), (name, method, metric)
+        artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+        assert "evaluate.json" in artifacts, (name, artifacts)
+    print(f"4 experiments, -j 2: {elapsed:.0f} s")

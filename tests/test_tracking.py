@@ -1,0 +1,405 @@
+"""MLflow failures never cost a result: a stage whose store is unreachable (a closed port)
+or locked (another connection holds ``BEGIN EXCLUSIVE``) finishes fast with a warning and
+complete outputs, and ``python -m pipeline.replay`` logs those outputs later, into SQLite
+or a real ``mlflow server``, matching the DVC outputs and the runs the stages log
+themselves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, STAGES, Reproduced, fast_params, free_port, run, subprocess_env
+
+from pipeline import replay
+from pipeline.stage import run_stage
+from pipeline.tracking import CLIENT_DEFAULTS, client_defaults, flatten
+from stages import download
+
+EXPERIMENT = fast_params()["tracking"]["experiment"]
+CURVES = {"train_classifier": "classifier_curves.csv", "train_confidnet": "confidnet_curves.csv",
+          "finetune": "finetune_curves.csv"}
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def client_for(uri: str) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def runs_by_stage(uri: str) -> dict[str, list[Any]]:
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, f"no experiment {EXPERIMENT!r} at {uri}"
+    found: dict[str, list[Any]] = {}
+    for r in client.search_runs([experiment.experiment_id], max_results=1000):
+        found.setdefault(r.data.tags.get("dvc_stage"), []).append(r)
+    return found
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def expected_final_metrics(project: Path, stage: str) -> dict[str, float]:
+    """Final metrics a stage's outputs hold, named as the stage logs them (independent of
+    pipeline.replay, so that a naming slip there shows)."""
+    metrics = project / "metrics"
+    if stage == "download":
+        return {f"{s}_size": n for s, n in read_json(project / "data/split.json")["sizes"].items()}
+    if stage == "train_classifier":
+        return {f"best_{k}": v for k, v in read_json(metrics / "classifier.json").items()}
+    if stage in ("train_confidnet", "finetune"):
+        summary = read_json(metrics / f"{stage}.json")
+        out = {"best_epoch": summary["best_epoch"],
+               "best_val_aupr_error": summary["val_aupr_error"]}
+        if stage == "train_confidnet":
+            out["train_errors"] = summary["train_errors"]
+        return out
+    if stage == "evaluate":
+        out = {}
+        for split, name in (("test", "evaluate.json"), ("val", "validation.json")):
+            result = read_json(metrics / name)
+            out |= {f"{split}/{m}/{k}": v for m, values in result["methods"].items()
+                    for k, v in values.items()}
+            out |= {f"{split}/size": result["size"], f"{split}/errors": result["errors"]}
+        for m, values in read_json(metrics / "intervals.json").items():
+            for k, (low, high) in values.items():
+                out |= {f"test/{m}/{k}_ci_low": low, f"test/{m}/{k}_ci_high": high}
+        return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+    return {}
+
+
+def check_replayed(uri: str, project: Path) -> dict[str, Any]:
+    """One replayed, FINISHED run per stage holding the project's params, final metrics and
+    per-epoch curves; returns them by stage."""
+    client = client_for(uri)
+    by_stage = runs_by_stage(uri)
+    assert sorted(by_stage) == sorted(STAGES)
+    params = {k: str(v) for k, v in flatten(yaml.safe_load((project / "params.yaml")
+                                                           .read_text())).items()}
+    replayed = {}
+    for stage, runs in by_stage.items():
+        assert len(runs) == 1, (stage, len(runs))
+        r = replayed[stage] = runs[0]
+        record = read_json(project / "runs" / f"{stage}.json") if stage != "report" else {}
+        assert r.info.status == "FINISHED", stage
+        assert r.data.tags["replayed"] == "true", stage
+        assert r.data.tags["git_commit"] == run(project, ["git", "rev-parse", "HEAD"]
+                                                ).stdout.strip(), stage
+        assert r.data.tags.get("dvc_exp_name", "") == (record.get("dvc_exp_name") or ""), stage
+        assert r.data.params == params, stage
+        expected = expected_final_metrics(project, stage)
+        for name, value in expected.items():
+            assert r.data.metrics[name] == pytest.approx(value, rel=1e-12), (stage, name)
+        if stage in CURVES:
+            with open(project / "plots" / CURVES[stage], newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            for column in rows[0]:
+                if column == "epoch":
+                    continue
+                want = [(int(row["epoch"]), float(row[column])) for row in rows if row[column]]
+                history = client.get_metric_history(r.info.run_id, column)
+                got = sorted((m.step, m.value) for m in history)
+                assert got == want, (stage, column)
+        else:
+            assert set(r.data.metrics) >= set(expected), stage
+    # the headline: every test metric of every method, as metrics/evaluate.json has it
+    evaluation = read_json(project / "metrics" / "evaluate.json")
+    metrics = replayed["evaluate"].data.metrics
+    for method, values in evaluation["methods"].items():
+        for key, value in values.items():
+            if not math.isnan(value):
+                assert metrics[f"test/{method}/{key}"] == value, (method, key)
+    return replayed
+
+
+# --- fast: one stage in this process ----------------------------------------------------------
+
+
+@pytest.fixture
+def small_project(tmp_path: Path, isolated_mlflow: pytest.MonkeyPatch) -> Path:
+    """params.yaml and dvc.yaml in a temporary working directory (no git, no DVC)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(fast_params()))
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    isolated_mlflow.chdir(tmp_path)
+    return tmp_path
+
+
+def test_client_defaults_fail_fast_and_yield_to_the_user(
+        isolated_mlflow: pytest.MonkeyPatch) -> None:
+    isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    client_defaults()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == CLIENT_DEFAULTS[
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "120"  # the user's value stands
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 1  # the names MLflow reads
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 120
+
+
+def run_download_expecting_warning(project: Path, cause: str) -> float:
+    started = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=rf"(?s)MLflow start failed.*{cause}.*stage "
+                      r"'download' goes on without tracking.*`python -m pipeline\.replay "
+                      r"--stage download`"):
+        run_stage("download", download.body)
+    elapsed = time.monotonic() - started
+    assert (project / "data" / "dataset.npz").is_file()
+    assert (project / "data" / "split.json").is_file()
+    record = read_json(project / "runs" / "download.json")
+    assert record["mlflow_run_id"] is None and record["stage"] == "download"
+    return elapsed
+
+
+def replay_download(project: Path, uri: str, capsys: pytest.CaptureFixture[str]) -> Any:
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # isolated_mlflow restores it
+    assert replay.main(["--stage", "download"]) == 0
+    assert "download: logged run" in capsys.readouterr().out
+    [r] = runs_by_stage(uri)["download"]
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["replayed"] == "true" and r.data.tags["replay_of"] == ""
+    assert r.data.params == {k: str(v) for k, v in flatten(fast_params()).items()}
+    sizes = read_json(project / "data" / "split.json")["sizes"]
+    assert r.data.metrics == {f"{s}_size": n for s, n in sizes.items()}
+    # again with --only-missing: recognised, nothing new
+    assert replay.main(["--only-missing"]) == 0
+    assert f"download: skipped: already replayed as run {r.info.run_id}" in \
+        capsys.readouterr().out
+    assert len(runs_by_stage(uri)["download"]) == 1
+    return r
+
+
+def test_unreachable_server_stage_finishes_fast_then_replays(
+        small_project: Path, isolated_mlflow: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    isolated_mlflow.setenv("MLFLOW_TRACKING_URI", closed)
+    elapsed = run_download_expecting_warning(small_project, "Connection refused")
+    assert elapsed < 30, f"{elapsed:.0f} s against a closed port"
+    # replay while the server is still down: one clear error, quickly
+    started = time.monotonic()
+    assert replay.main(["--stage", "download"]) == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert f"error: MLflow at {closed} failed" in err and "--only-missing" in err, err
+    replay_download(small_project, f"sqlite:///{small_project / 'later.db'}", capsys)
+
+
+@pytest.mark.parametrize("store", ["fresh", "in use"])
+def test_locked_sqlite_store_stage_finishes_then_replays(
+        small_project: Path, isolated_mlflow: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], store: str) -> None:
+    db = small_project / "mlflow.db"
+    if store == "in use":  # a store another process created and is writing to
+        subprocess.run([sys.executable, "-c", "import mlflow, sys; "
+                        "mlflow.MlflowClient(sys.argv[1]).search_experiments()",
+                        f"sqlite:///{db}"], env=subprocess_env(), check=True,
+                       capture_output=True, timeout=120)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        # the default store, mlflow.db
+        elapsed = run_download_expecting_warning(small_project, "database is locked")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert elapsed < 60, f"{elapsed:.0f} s against a locked store"
+    replay_download(small_project, f"sqlite:///{db}", capsys)
+
+
+def test_replay_refuses_what_it_cannot_do(small_project: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{small_project / 'never.db'}"
+    assert replay.main(["--stage", "nonsense"]) == 2
+    assert "unknown stage 'nonsense'" in capsys.readouterr().err
+    assert replay.main(["--stage", "evaluate"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'evaluate' has no outputs to replay" in err and "dvc pull" in err
+    assert replay.main([]) == 0
+    assert "nothing to replay" in capsys.readouterr().err
+    assert not (small_project / "never.db").exists()
+
+
+def test_replay_skips_outputs_of_other_params(small_project: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (small_project / "runs").mkdir()
+    (small_project / "runs" / "download.json").write_text("{}")
+    (small_project / "data").mkdir()
+    lock = {"schema": "2.0", "stages": {"download": {"params": {"params.yaml": {
+        "seed": 7, "dataset": "digits", "data": {"test_fraction": "3e-1", "val_fraction": 0.1}}}}}}
+    (small_project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{small_project / 'other.db'}"
+    assert replay.main(["--stage", "download"]) == 1
+    err = capsys.readouterr().err
+    assert "download: skipped: its outputs come from other params than params.yaml (seed," in err
+    assert "data" not in err.split("(seed,")[1].split(")")[0]  # "3e-1" is DVC's 0.3
+
+
+def test_replay_skips_unreadable_outputs(small_project: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (small_project / "runs").mkdir()
+    (small_project / "runs" / "download.json").write_text("{}")
+    (small_project / "data").mkdir()
+    (small_project / "data" / "split.json").write_text('{"sizes": {"tr')
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{small_project / 'other.db'}"
+    assert replay.main([]) == 1
+    err = capsys.readouterr().err
+    assert "download: skipped: its outputs cannot be read (JSONDecodeError" in err, err
+    assert "`dvc checkout download`" in err
+    assert not (small_project / "other.db").exists()  # nothing to log: store untouched
+
+
+def test_stale_params_reads_numbers_as_dvc_writes_them() -> None:
+    stage = replay.Stage("s", [], {"finetune": {"lr": "1e-06", "epochs": 2}, "seed": 0})
+    assert replay.stale_params(stage, {"finetune": {"lr": 1e-06, "epochs": 2}, "seed": 0}) == []
+    assert replay.stale_params(stage, {"finetune": {"lr": 1e-05, "epochs": 2}, "seed": 0}) == [
+        "finetune"]
+    assert replay.stale_params(stage, {"finetune": {"lr": 1e-06, "epochs": 2}}) == ["seed"]
+
+
+# --- slow: the whole pipeline, SQLite and a real server ----------------------------------------
+
+
+@pytest.mark.slow
+def test_pipeline_with_unreachable_server_completes(twin_projects: dict[str, Reproduced]) -> None:
+    offline = twin_projects["offline"]
+    warnings = offline.output.count("RuntimeWarning: MLflow start failed")
+    assert warnings == len(STAGES), offline.output
+    assert "python -m pipeline.replay --stage evaluate" in offline.output
+    # one connection refused per stage, not MLflow's default four minutes of retries
+    assert offline.seconds < twin_projects["tracked"].seconds + 120, (
+        offline.seconds, twin_projects["tracked"].seconds)
+    spec = yaml.safe_load((offline.path / "dvc.yaml").read_text())["stages"]
+    for stage, body in spec.items():
+        for section in ("outs", "metrics", "plots"):
+            for entry in body.get(section, []):
+                path = offline.path / (next(iter(entry)) if isinstance(entry, dict) else entry)
+                assert path.exists(), (stage, path)
+    for stage in STAGES[:-1]:
+        assert read_json(offline.path / "runs" / f"{stage}.json")["mlflow_run_id"] is None
+    assert not (offline.path / "mlflow.db").exists()
+    status = run(offline.path, ["dvc", "status"])
+    assert "up to date" in status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_replay_into_sqlite_matches_outputs_and_original_runs(
+        twin_projects: dict[str, Reproduced], tmp_path: Path) -> None:
+    offline, tracked = twin_projects["offline"].path, twin_projects["tracked"].path
+    uri = f"sqlite:///{tmp_path / 'replayed.db'}"
+    out = run(offline, ["python", "-m", "pipeline.replay"],
+              env={"MLFLOW_TRACKING_URI": uri}).stdout
+    assert out.count(": logged run ") == len(STAGES), out
+    replayed = check_replayed(uri, offline)
+
+    # The same names as the runs the stages log themselves (the tracked twin; same seed,
+    # same numbers): per-epoch values carry the CSV's 6 digits, epoch 0 comes on top.
+    original = runs_by_stage(f"sqlite:///{tracked / 'mlflow.db'}")
+    for stage in STAGES:
+        [mine] = original[stage]
+        theirs = replayed[stage]
+        assert set(theirs.data.metrics) == set(mine.data.metrics), stage
+        assert theirs.data.params == mine.data.params, stage
+        assert theirs.info.run_name == mine.info.run_name, stage
+        finals = expected_final_metrics(offline, stage)
+        for name, value in mine.data.metrics.items():
+            tolerance = 1e-12 if name in finals else 1e-5
+            assert theirs.data.metrics[name] == pytest.approx(value, rel=tolerance, abs=1e-9), \
+                (stage, name)
+
+    # replay is idempotent with --only-missing
+    again = run(offline, ["python", "-m", "pipeline.replay", "--only-missing"],
+                env={"MLFLOW_TRACKING_URI": uri}).stdout
+    assert again.count("skipped: already replayed") == len(STAGES), again
+    assert all(len(v) == 1 for v in runs_by_stage(uri).values())
+
+
+@pytest.mark.slow
+def test_only_missing_skips_runs_the_store_holds(twin_projects: dict[str, Reproduced]) -> None:
+    tracked = twin_projects["tracked"].path
+    db = tracked / "mlflow.db"
+    before = db.read_bytes()
+    out = run(tracked, ["python", "-m", "pipeline.replay", "--only-missing"]).stdout
+    assert out.count("skipped: its run ") == len(STAGES), out
+    assert db.read_bytes() == before
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free local port, stopped at the end."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"],
+        cwd=tmp_path, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited {proc.returncode}:\n"
+                            f"{(tmp_path / 'server.log').read_text()}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mlflow server did not answer /health within 120 s", pytrace=False)
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_replay_into_mlflow_server(twin_projects: dict[str, Reproduced], mlflow_server: str,
+                                   isolated_mlflow: pytest.MonkeyPatch) -> None:
+    offline = twin_projects["offline"].path
+    out = run(offline, ["python", "-m", "pipeline.replay"],
+              env={"MLFLOW_TRACKING_URI": mlflow_server}).stdout
+    assert out.count(": logged run ") == len(STAGES), out
+    replayed = check_replayed(mlflow_server, offline)
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)  # isolated_mlflow restores it
+    frame = mlflow.search_runs(experiment_names=[EXPERIMENT],  # what the compare view reads
+                               filter_string="tags.dvc_stage = 'evaluate'")
+    assert list(frame["run_id"]) == [replayed["evaluate"].info.run_id]
+    evaluation = read_json(offline / "metrics" / "evaluate.json")
+    value = evaluation["methods"]["confidnet"]["aupr_error"]
+    assert np.isclose(frame["metrics.test/confidnet/aupr_error"].iloc[0], value, rtol=0)
+    again = run(offline, ["python", "-m", "pipeline.replay", "--only-missing"],
+                env={"MLFLOW_TRACKING_URI": mlflow_server}).stdout
+    assert again.count("skipped: already replayed") == len(STAGES), again
