@@ -61,7 +61,7 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
         f"{percent(accuracy)}%: **{test_errors} errors among {evaluation['size']} test "
         f"samples**, the positives every AUPR-Error below rests on.",
         f"- ConfidNet: loss `{params['loss']}`, criterion `{params['criterion']}`, trained on the "
-        "training split, which holds **{confidnet['train_errors']} "
+        f"training split, which holds **{confidnet['train_errors']} "
         f"classifier errors among {confidnet['train_size']} samples**. Epoch "
         f"{confidnet['best_epoch']} kept on validation AUPR-Error, whose split holds "
         f"{validation['errors']} errors among {validation['size']} samples.",

@@ -144,6 +144,22 @@ def test_repro_runs_every_stage(project: Path) -> None:
     assert report.is_file() and report.stat().st_size > 0
     assert "confidnet" in report.read_text().lower()
     assert_complete_evaluation(project)
+    assert_report_reads_on_its_own(project, report.read_text())
+
+
+def assert_report_reads_on_its_own(project: Path, text: str) -> None:
+    """The numbers a reader needs are there, filled in from the outputs."""
+    evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
+    confidnet = json.loads((project / "metrics" / "train_confidnet.json").read_text())
+    assert "{" not in text.replace("```", ""), "unformatted placeholder in the report"
+    assert f"**{evaluation['errors']} errors among {evaluation['size']} test samples**" in text
+    assert f"**{confidnet['train_errors']} classifier errors among" in text
+    mcp = evaluation["methods"]["mcp"]["aupr_error"]
+    assert "| MCP (baseline) | " in text and f"{100 * mcp:.2f} [" in text
+    for figure in ("risk_coverage.png", "confidence_histograms.png"):
+        assert f"(figures/{figure})" in text
+        assert (project / "reports" / "figures" / figure).stat().st_size > 0
+    assert git_head(project) in text  # provenance: the commit it ran at
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
