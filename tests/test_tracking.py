@@ -65,7 +65,10 @@ def expected_final_metrics(project: Path, stage: str) -> dict[str, float]:
     if stage == "download":
         return {f"{s}_size": n for s, n in read_json(project / "data/split.json")["sizes"].items()}
     if stage == "train_classifier":
-        return {f"best_{k}": v for k, v in read_json(metrics / "classifier.json").items()}
+        summary = read_json(metrics / "classifier.json")
+        return {"best_epoch": summary["best_epoch"],
+                "best_val_accuracy": summary["val_accuracy"],
+                "best_train_accuracy": summary["train_accuracy"]}
     if stage in ("train_confidnet", "finetune"):
         summary = read_json(metrics / f"{stage}.json")
         out = {"best_epoch": summary["best_epoch"],
