@@ -73,14 +73,11 @@ def _extract_features() -> dict[str, float]:
 
 
 def _train_confidnet() -> dict[str, float]:
-    summary = _json(METRICS / "train_confidnet.json")
-    return {"best_epoch": summary["best_epoch"], "best_val_aupr_error": summary["val_aupr_error"],
-            "train_errors": summary["train_errors"]}
+    return tracking.confidnet_summary_metrics(_json(METRICS / "train_confidnet.json"))
 
 
 def _finetune() -> dict[str, float]:
-    summary = _json(METRICS / "finetune.json")
-    return {"best_epoch": summary["best_epoch"], "best_val_aupr_error": summary["val_aupr_error"]}
+    return tracking.confidnet_summary_metrics(_json(METRICS / "finetune.json"))
 
 
 def _baselines() -> dict[str, float]:
@@ -149,24 +146,10 @@ def _lookup(params: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal params, reading numbers as DVC writes them (``1e-06``, a string to PyYAML)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if a == b:
-        return True
-    try:
-        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
-    except (TypeError, ValueError):
-        return False
-
-
 def stale_params(stage: Stage, params: dict[str, Any]) -> list[str]:
     """Keys whose value in ``params.yaml`` differs from what produced the outputs."""
     return [key for key, value in stage.params.items()
-            if not _same(_lookup(params, key), value)]
+            if _lookup(params, key) != value]
 
 
 def read_curves(path: Path) -> list[tuple[int, str, float]]:

@@ -97,6 +97,13 @@ def classifier_summary_metrics(summary: Mapping[str, float]) -> dict[str, float]
     return {k if k.startswith("best_") else f"best_{k}": v for k, v in summary.items()}
 
 
+def confidnet_summary_metrics(summary: Mapping[str, float]) -> dict[str, float]:
+    """The final metrics of train_confidnet and finetune, from their metrics/*.json."""
+    names = {"best_epoch": "best_epoch", "val_aupr_error": "best_val_aupr_error",
+             "train_errors": "train_errors"}
+    return {names[k]: v for k, v in summary.items() if k in names}
+
+
 def evaluation_metrics(results: Mapping[str, Mapping[str, Any]],
                        intervals: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """The evaluate stage's MLflow metrics, named from its outputs: ``results`` maps a

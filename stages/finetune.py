@@ -32,7 +32,7 @@ from pipeline.io import (
 from pipeline.losses import LOSSES
 from pipeline.models import ConfidNetHead, ConfidNetModel, load_classifier
 from pipeline.stage import run_stage
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, confidnet_summary_metrics
 from pipeline.training import confidence_scores, fit_confidence, resolve_device
 from stages.train_confidnet import loss_kwargs
 
@@ -67,7 +67,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
                "val_aupr_error_before": start}
     atomic_write_json(METRICS / "finetune.json", summary)
     atomic_write_text(PLOTS / "finetune_curves.csv", history_csv(result.history))
-    run.log_metrics({"best_epoch": result.best_epoch, "best_val_aupr_error": result.best_value})
+    run.log_metrics(confidnet_summary_metrics(summary))
     run.log_artifact(CONFIDNET_FINETUNED)
     checkpointer.clear()  # outputs written: nothing left to resume
 

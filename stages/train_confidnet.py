@@ -22,7 +22,7 @@ from pipeline.io import (
 from pipeline.losses import LOSSES
 from pipeline.models import ConfidNetHead
 from pipeline.stage import run_stage
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, confidnet_summary_metrics
 from pipeline.training import confidence_scores, fit_confidence, resolve_device
 
 
@@ -58,8 +58,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     }
     atomic_write_json(METRICS / "train_confidnet.json", summary)
     atomic_write_text(PLOTS / "confidnet_curves.csv", history_csv(result.history))
-    run.log_metrics({"best_epoch": result.best_epoch, "best_val_aupr_error": result.best_value,
-                     "train_errors": summary["train_errors"]})
+    run.log_metrics(confidnet_summary_metrics(summary))
     run.log_artifact(CONFIDNET)
     checkpointer.clear()  # outputs written: nothing left to resume
 

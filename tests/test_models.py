@@ -14,7 +14,6 @@ from pipeline.models import (
     ConfidNetModel,
     build_classifier,
     enable_mc_dropout,
-    has_dropout,
 )
 
 
@@ -58,10 +57,8 @@ def test_mlp_forward_is_classify_of_encode_and_dropout_only_in_train() -> None:
     assert not torch.allclose(model(x), model(x))  # dropout is active in training
 
 
-def test_has_dropout_and_enable_mc_dropout() -> None:
+def test_enable_mc_dropout() -> None:
     model = MLP((16,), 4, 8, dropout=0.3)
-    assert has_dropout(model)
-    assert not has_dropout(MLP((16,), 4, 8, dropout=0.0))
     model.train()
     enable_mc_dropout(model)
     assert not model.training and model.dropout.training

@@ -275,7 +275,11 @@ def test_replay_skips_unreadable_outputs(small_project: Path,
 
 
 def test_stale_params_reads_numbers_as_dvc_writes_them() -> None:
-    stage = replay.Stage("s", [], {"finetune": {"lr": "1e-06", "epochs": 2}, "seed": 0})
+    from pipeline.config import read_yaml
+
+    # dvc.lock writes `lr: 1e-06`, which YAML 1.1 would read as a string
+    locked = read_yaml("finetune:\n  lr: 1e-06\n  epochs: 2\nseed: 0\n")
+    stage = replay.Stage("s", [], locked)
     assert replay.stale_params(stage, {"finetune": {"lr": 1e-06, "epochs": 2}, "seed": 0}) == []
     assert replay.stale_params(stage, {"finetune": {"lr": 1e-05, "epochs": 2}, "seed": 0}) == [
         "finetune"]
