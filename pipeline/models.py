@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,6 +66,212 @@ def build_mlp(input_shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
     return MLP(input_shape, num_classes, hidden=cfg["hidden"], dropout=cfg["dropout"])
 
 
+# ------------------------------------------------------------------ convolutional models
+#
+# The paper (Sec. 3.1, "Network architectures") takes its classifiers from Jiang et al.
+# (2018): small ConvNets for MNIST and SVHN, VGG-16 for CIFAR-10/100. The layer lists below
+# follow the authors' implementation (valeoai/ConfidNet, ``confidnet/models/``), as recorded
+# in the project's notes on it (shared/reference/official-implementation.md).
+
+SAME_PADDING_MODE = "reflect"
+"""Padding of the 'same' 3x3 convolutions. The authors pad with ``nn.ReflectionPad2d``
+(their ``Conv2dSame``), not zeros; the notes only say 'same'. We follow the code. The
+parameters are the same either way; on CUDA, reflection padding has no deterministic
+backward kernel (a warning under ``torch.use_deterministic_algorithms(warn_only=True)``)."""
+
+
+def _image_shape(model: str, input_shape: tuple[int, ...], min_size: int) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of ``input_shape``, or a ``ValueError`` saying why the
+    conv/pool stack of ``model`` cannot take it."""
+    if len(input_shape) != 3:
+        raise ValueError(f"{model} needs (channels, height, width) inputs; got input shape "
+                         f"{tuple(input_shape)}")
+    channels, height, width = (int(s) for s in input_shape)
+    if min(height, width) < min_size:
+        raise ValueError(f"{model}: input shape {tuple(input_shape)} is too small for its "
+                         f"conv/pool stack; height and width must be at least {min_size}")
+    return channels, height, width
+
+
+def _same_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 3x3 'same' convolution (stride 1, one pixel of padding each side)."""
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, padding_mode=SAME_PADDING_MODE)
+
+
+def _conv_relu_bn(index: int, in_channels: int,
+                  out_channels: int) -> list[tuple[str, nn.Module]]:
+    """``conv{i} -> relu{i} -> bn{i}``: the authors normalise *after* the ReLU."""
+    return [(f"conv{index}", _same_conv(in_channels, out_channels)),
+            (f"relu{index}", nn.ReLU()),
+            (f"bn{index}", nn.BatchNorm2d(out_channels))]
+
+
+def _embedding(in_features: int, hidden: int, dropout: float,
+               input_dropout: float | None = None) -> nn.Sequential:
+    """The penultimate layer: ``[dropout ->] fc -> ReLU -> dropout``. Its output is the
+    features; the last dropout is part of them, so MC Dropout samples the layer ConfidNet
+    reads and eval mode makes it the identity (as in the MLP)."""
+    layers: list[tuple[str, nn.Module]] = []
+    if input_dropout is not None:
+        layers.append(("dropout_in", nn.Dropout(input_dropout)))
+    layers += [("fc", nn.Linear(in_features, hidden)),
+               ("relu", nn.ReLU()),
+               ("dropout", nn.Dropout(dropout))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+class ConvClassifier(Classifier):
+    """``features`` (conv stack, ending in a flatten) -> ``embedding`` (the penultimate
+    ``feature_dim`` activations) -> ``fc_out`` (logits)."""
+
+    features: nn.Sequential
+    embedding: nn.Sequential
+    fc_out: nn.Linear
+    flatten_dim: int
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.features(x))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(features)
+
+
+class SmallConvNetMNIST(ConvClassifier):
+    """The paper's MNIST SmallConvNet (Sec. 3.1; authors' ``small_convnet_mnist.py``):
+    conv3x3 32 -> ReLU -> conv3x3 64 -> ReLU -> maxpool 2 -> dropout 0.25 -> flatten
+    (9,216 for 1x28x28) -> fc ``hidden`` (128) -> ReLU -> dropout ``dropout`` (0.5) -> fc.
+
+    The convolutions are unpadded; no batch norm. The features are the ``hidden``-d
+    activations after the last dropout.
+    """
+
+    CONV_DROPOUT: ClassVar[float] = 0.25
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 128,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        # two unpadded 3x3 convs take 4 pixels, the pool halves: at least 1 pixel left
+        channels, height, width = _image_shape("smallconv_mnist", input_shape, min_size=6)
+        self.flatten_dim = 64 * ((height - 4) // 2) * ((width - 4) // 2)
+        self.feature_dim = hidden
+        self.features = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(channels, 32, 3)),
+            ("relu1", nn.ReLU()),
+            ("conv2", nn.Conv2d(32, 64, 3)),
+            ("relu2", nn.ReLU()),
+            ("pool", nn.MaxPool2d(2)),
+            ("dropout", nn.Dropout(self.CONV_DROPOUT)),
+            ("flatten", nn.Flatten()),
+        ]))
+        self.embedding = _embedding(self.flatten_dim, hidden, dropout)
+        self.fc_out = nn.Linear(hidden, num_classes)
+
+
+class SmallConvNetSVHN(ConvClassifier):
+    """The paper's SVHN SmallConvNet (Sec. 3.1; authors' ``small_convnet_svhn.py``):
+    three blocks ``[conv3x3 -> ReLU -> BN -> conv3x3 -> ReLU -> BN -> maxpool 2 ->
+    dropout 0.3]`` of 32, 64 and 128 channels, flatten (2,048 for 3x32x32), fc ``hidden``
+    (512) -> ReLU -> dropout ``dropout`` (0.3) -> fc.
+
+    'Same' convolutions with reflection padding (``SAME_PADDING_MODE``, as the authors'
+    code); BN after the ReLU, as theirs. The features are the ``hidden``-d activations
+    after the last dropout.
+    """
+
+    CHANNELS: ClassVar[tuple[int, ...]] = (32, 64, 128)
+    CONV_DROPOUT: ClassVar[float] = 0.3
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 512,
+                 dropout: float = 0.3) -> None:
+        super().__init__()
+        pools = len(self.CHANNELS)
+        # every block needs >= 2 pixels (reflection padding, then the pool)
+        channels, height, width = _image_shape("smallconv_svhn", input_shape,
+                                               min_size=2**pools)
+        self.flatten_dim = self.CHANNELS[-1] * (height // 2**pools) * (width // 2**pools)
+        self.feature_dim = hidden
+        blocks: list[tuple[str, nn.Module]] = []
+        size = channels
+        for b, width_b in enumerate(self.CHANNELS, start=1):
+            blocks.append((f"block{b}", nn.Sequential(OrderedDict([
+                *_conv_relu_bn(2 * b - 1, size, width_b),
+                *_conv_relu_bn(2 * b, width_b, width_b),
+                ("pool", nn.MaxPool2d(2)),
+                ("dropout", nn.Dropout(self.CONV_DROPOUT)),
+            ]))))
+            size = width_b
+        blocks.append(("flatten", nn.Flatten()))
+        self.features = nn.Sequential(OrderedDict(blocks))
+        self.embedding = _embedding(self.flatten_dim, hidden, dropout)
+        self.fc_out = nn.Linear(hidden, num_classes)
+
+
+class VGG16(ConvClassifier):
+    """The paper's VGG-16 for CIFAR-10/100 (Sec. 3.1; authors' ``vgg16.py``).
+
+    Thirteen 'same' 3x3 convs in five blocks (64, 64 | 128, 128 | 256 x3 | 512 x3 |
+    512 x3), each ``conv -> ReLU -> BN``; dropout 0.3 after conv1 and 0.4 after convs 3, 5,
+    6, 8, 9, 11 and 12; maxpool 2 closing each block (after convs 2, 4, 7, 10, 13). Then
+    flatten (512 for 3x32x32) -> dropout ``dropout`` (0.5) -> fc ``hidden`` (512) -> ReLU
+    -> dropout ``dropout`` (0.5) -> fc. The features are the ``hidden``-d activations after
+    the last dropout.
+
+    Trained from scratch: the authors' ImageNet initialisation copied nothing (their
+    notes), and ImageNet weights would not fit the BN-after-ReLU layout anyway. Padding
+    is by reflection, as in their code (``SAME_PADDING_MODE``).
+    """
+
+    BLOCKS: ClassVar[tuple[tuple[int, ...], ...]] = (
+        (64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+    # conv index (1-based) -> rate of the dropout that follows its BN
+    CONV_DROPOUT: ClassVar[dict[int, float]] = {
+        1: 0.3, 3: 0.4, 5: 0.4, 6: 0.4, 8: 0.4, 9: 0.4, 11: 0.4, 12: 0.4}
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 512,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        pools = len(self.BLOCKS)
+        channels, height, width = _image_shape("vgg16", input_shape, min_size=2**pools)
+        self.flatten_dim = self.BLOCKS[-1][-1] * (height // 2**pools) * (width // 2**pools)
+        self.feature_dim = hidden
+        blocks: list[tuple[str, nn.Module]] = []
+        size, conv = channels, 0
+        for b, widths in enumerate(self.BLOCKS, start=1):
+            layers: list[tuple[str, nn.Module]] = []
+            for width_c in widths:
+                conv += 1
+                layers += _conv_relu_bn(conv, size, width_c)
+                if conv in self.CONV_DROPOUT:
+                    layers.append((f"dropout{conv}", nn.Dropout(self.CONV_DROPOUT[conv])))
+                size = width_c
+            layers.append(("pool", nn.MaxPool2d(2)))
+            blocks.append((f"block{b}", nn.Sequential(OrderedDict(layers))))
+        blocks.append(("flatten", nn.Flatten()))
+        self.features = nn.Sequential(OrderedDict(blocks))
+        self.embedding = _embedding(self.flatten_dim, hidden, dropout, input_dropout=dropout)
+        self.fc_out = nn.Linear(hidden, num_classes)
+
+
+@MODELS.register("smallconv_mnist")
+def build_smallconv_mnist(input_shape: tuple[int, ...], num_classes: int,
+                          cfg: dict[str, Any]) -> Classifier:
+    return SmallConvNetMNIST(input_shape, num_classes, hidden=cfg["hidden"],
+                             dropout=cfg["dropout"])
+
+
+@MODELS.register("smallconv_svhn")
+def build_smallconv_svhn(input_shape: tuple[int, ...], num_classes: int,
+                         cfg: dict[str, Any]) -> Classifier:
+    return SmallConvNetSVHN(input_shape, num_classes, hidden=cfg["hidden"],
+                            dropout=cfg["dropout"])
+
+
+@MODELS.register("vgg16")
+def build_vgg16(input_shape: tuple[int, ...], num_classes: int,
+                cfg: dict[str, Any]) -> Classifier:
+    return VGG16(input_shape, num_classes, hidden=cfg["hidden"], dropout=cfg["dropout"])
+
+
 def build_classifier(input_shape: tuple[int, ...], num_classes: int,
                      cfg: dict[str, Any]) -> Classifier:
     return MODELS[cfg["model"]](tuple(input_shape), num_classes, cfg)
@@ -106,14 +313,20 @@ class ConfidNetModel(nn.Module):
     encoder plus the ConfidNet head, trained end to end.
 
     The original classifier is not part of this module, so its predictions cannot move.
-    The encoder copy always runs in eval mode: dropout off and batch-norm statistics
+    With ``freeze_encoder`` it also serves phase 1 on images. The encoder copy always runs
+    in eval mode: dropout off and batch-norm statistics
     frozen, as the paper prescribes; gradients still flow through it.
     """
 
-    def __init__(self, classifier: Classifier, head: ConfidNetHead) -> None:
+    def __init__(self, classifier: Classifier, head: ConfidNetHead,
+                 freeze_encoder: bool = False) -> None:
         super().__init__()
         self.encoder = copy.deepcopy(classifier)
         self.head = head
+        # Phase 1 on images (features computed on the fly): the encoder copy is frozen
+        # too, so only the head learns, exactly as on cached features.
+        self.freeze_encoder = freeze_encoder
+        self.encoder.requires_grad_(not freeze_encoder)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ConfidNetModel:
@@ -122,7 +335,9 @@ class ConfidNetModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.encode(x))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            features = self.encoder.encode(x)
+        return self.head(features)
 
 
 def enable_mc_dropout(model: nn.Module) -> None:
