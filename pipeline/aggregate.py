@@ -39,6 +39,19 @@ class ExperimentResult:
     test: dict[str, Any]  # the content of metrics/evaluate.json
 
 
+def exp_show(all_commits: bool = False) -> list[dict[str, Any]]:
+    """``dvc exp show --json`` of the repository in the working directory, parsed (HEAD's
+    experiments, or every commit's with ``all_commits``). Shared by the CLIs that read
+    experiments; a dvc failure is a SystemExit carrying dvc's message."""
+    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+    if all_commits:
+        command.append("--all-commits")
+    shown = subprocess.run(command, capture_output=True, text=True, check=False)
+    if shown.returncode != 0:
+        raise SystemExit(f"error: `dvc exp show --json` failed:\n{shown.stderr.strip()}")
+    return json.loads(shown.stdout)
+
+
 def _revisions(exp_show: Sequence[Mapping[str, Any]]) -> Iterator[tuple[str, Mapping[str, Any]]]:
     for entry in exp_show:
         if entry.get("data"):
@@ -68,9 +81,10 @@ def _without_seed(params: Mapping[str, Any]) -> str:
 
 
 def aggregate(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
-    """One group per distinct params-but-seed: seeds, experiment names, test errors, and
-    per method and metric {mean, std, n}. std is the sample standard deviation (NaN for
-    one seed); NaN metric values (undefined on a run) are left out of that metric."""
+    """One group per distinct params-but-seed: seeds, experiment names, test errors and
+    test split sizes (per seed), and per method and metric {mean, std, n}. std is the
+    sample standard deviation (NaN for one seed); NaN metric values (undefined on a run)
+    are left out of that metric."""
     groups: dict[str, list[ExperimentResult]] = {}
     for result in results:
         groups.setdefault(_without_seed(result.params), []).append(result)
@@ -95,6 +109,7 @@ def aggregate(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
             "seeds": [r.params.get("seed") for r in members],
             "experiments": [r.name for r in members],
             "test_errors": [r.test.get("errors") for r in members],
+            "test_sizes": [r.test.get("size") for r in members],
             "methods": summary,
         })
     return out
@@ -145,13 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--all-commits", action="store_true",
                         help="include experiments of every commit, not only HEAD's")
     args = parser.parse_args(argv)
-    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    if args.all_commits:
-        command.append("--all-commits")
-    shown = subprocess.run(command, capture_output=True, text=True, check=False)
-    if shown.returncode != 0:
-        raise SystemExit(f"error: `dvc exp show --json` failed:\n{shown.stderr.strip()}")
-    groups = aggregate(parse_exp_show(json.loads(shown.stdout)))
+    groups = aggregate(parse_exp_show(exp_show(all_commits=args.all_commits)))
     if not groups:
         raise SystemExit("error: no experiment with metrics/evaluate.json found; run "
                          "`dvc repro` or `dvc exp run` first")
