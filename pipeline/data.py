@@ -5,7 +5,9 @@ and how to *load* that folder back as normalised tensors. Every later stage read
 prepared folder only, so the network is touched once, in the ``download`` stage.
 
 The embedded default ``digits`` is scikit-learn's copy of the UCI handwritten digits
-(8x8 images, 1,797 samples, 10 classes): it needs no network.
+(8x8 images, 1,797 samples, 10 classes): it needs no network. The paper's datasets (MNIST,
+SVHN, CIFAR-10, CIFAR-100) are registered by :mod:`pipeline.image_datasets`, imported at
+the end of this module so the registry is always complete.
 
 Loading checks what it reads: a file that cannot be read, or a dataset whose shapes, dtypes,
 labels, indices or split sizes disagree with ``split.json``, raises :class:`DataError`
@@ -38,14 +40,14 @@ class DataError(Exception):
     """A prepared dataset folder that cannot be used: unreadable, truncated or
     inconsistent. The message names the file and how to get a good copy back."""
 
-    def __init__(self, path: Path | str, problem: str) -> None:
+    def __init__(self, path: Path | str, problem: str, fix: str | None = None) -> None:
         self.path = Path(path)
         self.problem = problem
         folder = self.path.parent if self.path.suffix else self.path
-        super().__init__(
-            f"{self.path}: {problem}\n  The prepared dataset is corrupt or incomplete: delete "
-            f"{folder.as_posix()}/ and run `dvc repro download` (or `dvc pull`)."
-        )
+        if fix is None:
+            fix = (f"The prepared dataset is corrupt or incomplete: delete {folder.as_posix()}/ "
+                   "and run `dvc repro download` (or `dvc pull`).")
+        super().__init__(f"{self.path}: {problem}\n  {fix}")
 
 
 class UnknownDatasetError(DataError, KeyError):
@@ -98,10 +100,14 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
+    """A loaded dataset. ``pad_value`` is the normalised value of a black pixel per channel
+    (``-mean / std``), what augmentation fills padded and rotated-in pixels with."""
+
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
     splits: dict[str, Split]
+    pad_value: tuple[float, ...] = (0.0,)
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]
@@ -142,13 +148,52 @@ def split_indices(
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
+def resolve_split_seed(data_params: dict[str, Any], seed: int) -> int:
+    """The seed of the train/val(/test) split: ``data.split_seed``, or the top-level
+    ``seed`` when it is null (or absent)."""
+    split_seed = data_params.get("split_seed")
+    return seed if split_seed is None else int(split_seed)
+
+
+def normalise(images: np.ndarray, scale: float, mean: float | Sequence[float],
+              std: float | Sequence[float]) -> np.ndarray:
+    """``(images / scale - mean) / std`` as float32, computed in place in the one float copy
+    of ``images``. A scalar ``mean`` and ``std`` apply to every pixel; sequences apply per
+    channel, along axis 1 of ``(N, C, H, W)`` images."""
+    x = images.astype(np.float32)
+    x /= scale
+    if isinstance(mean, (int, float)) and isinstance(std, (int, float)):
+        x -= mean
+        x /= std
+    else:
+        shape = (1, -1, *([1] * (x.ndim - 2)))
+        x -= np.asarray(mean, dtype=np.float32).reshape(shape)
+        x /= np.asarray(std, dtype=np.float32).reshape(shape)
+    return x
+
+
+def checked_split_indices(arrays: dict[str, np.ndarray], n: int,
+                          path: Path) -> dict[str, np.ndarray]:
+    """The ``{split}_idx`` arrays of ``arrays``: integer, in range for ``n`` samples and
+    disjoint, or :class:`DataError` naming ``path``."""
+    indices = {s: check_indices(arrays[f"{s}_idx"], n, path, f"{s}_idx") for s in SPLITS}
+    together = np.concatenate(list(indices.values()))
+    if len(np.unique(together)) != len(together):
+        raise DataError(path, "the train, val and test indices overlap (or repeat a sample)")
+    return indices
+
+
 def _prepare_digits(out_dir: Path, data_params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """sklearn's digits, split by :func:`split_indices` with ``data.split_seed`` (null:
+    ``seed``) and normalised by the training split's mean and std."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = digits.images.astype(np.uint8)  # values 0..16
     labels = digits.target.astype(np.int64)
-    idx = split_indices(labels, data_params["test_fraction"], data_params["val_fraction"], seed)
+    split_seed = resolve_split_seed(data_params, seed)
+    idx = split_indices(labels, data_params["test_fraction"], data_params["val_fraction"],
+                        split_seed)
     # One scalar mean/std from the training split, as MNIST's 0.1307 / 0.3081 are.
     train_pixels = images[idx["train"]].astype(np.float64) / 16.0
     mean, std = float(train_pixels.mean()), float(train_pixels.std())
@@ -158,6 +203,7 @@ def _prepare_digits(out_dir: Path, data_params: dict[str, Any], seed: int) -> di
     info = {
         "dataset": "digits",
         "seed": seed,
+        "split_seed": split_seed,
         "num_classes": 10,
         "input_shape": [1, 8, 8],
         "normalisation": {"scale": 16.0, "mean": mean, "std": std},
@@ -177,24 +223,22 @@ def _load_digits(folder: Path) -> Dataset:
     if images.shape[1:] != (8, 8) or labels.shape != (len(images),):
         raise DataError(path, f"images of shape {images.shape} and labels of shape "
                               f"{labels.shape}; expected (N, 8, 8) and (N,)")
-    indices = {s: check_indices(arrays[f"{s}_idx"], len(images), path, f"{s}_idx")
-               for s in SPLITS}
-    together = np.concatenate(list(indices.values()))
-    if len(np.unique(together)) != len(together):
-        raise DataError(path, "the train, val and test indices overlap (or repeat a sample)")
+    indices = checked_split_indices(arrays, len(images), path)
     norm = _field(info, info_path, "normalisation")
     try:
         scale, mean, std = (float(norm[k]) for k in ("scale", "mean", "std"))
     except (KeyError, TypeError, ValueError) as error:
         raise DataError(info_path, f"bad normalisation {norm!r} "
                                    f"({type(error).__name__}: {error})") from None
-    x_all = (images.astype(np.float32) / scale - mean) / std
+    # Each split normalised from its own uint8 subset: one float copy of the data in all.
     splits = {
-        s: Split(x=torch.from_numpy(x_all[idx][:, None]), y=torch.from_numpy(labels[idx]))
+        s: Split(x=torch.from_numpy(normalise(images[idx], scale, mean, std)[:, None]),
+                 y=torch.from_numpy(labels[idx]))
         for s, idx in indices.items()
     }
+    pad_value = tuple(float(v) for v in normalise(np.zeros(1, np.uint8), scale, mean, std))
     return Dataset("digits", _field(info, info_path, "num_classes"),
-                   tuple(_field(info, info_path, "input_shape")), splits)
+                   tuple(_field(info, info_path, "input_shape")), splits, pad_value)
 
 
 def check_indices(idx: np.ndarray, n: int, path: Path, name: str) -> np.ndarray:
@@ -274,3 +318,7 @@ def check_dataset(dataset: Dataset, entry: DatasetEntry, info: dict[str, Any],
                                   f"outside [0, {entry.num_classes})")
         if not bool(torch.isfinite(x).all()):
             raise DataError(path, f"{s} split: inputs hold NaN or infinite values")
+
+
+# The paper's datasets register themselves; imported last, as they build on this module.
+import pipeline.image_datasets  # noqa: E402, F401

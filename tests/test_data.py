@@ -142,8 +142,9 @@ def test_split_indices_fractions() -> None:
 
 
 def test_unknown_dataset_in_split_json(tmp_path: Path) -> None:
-    (tmp_path / "split.json").write_text(json.dumps({"dataset": "mnist"}))
-    with pytest.raises(KeyError, match="unknown dataset 'mnist'; valid: digits"):
+    (tmp_path / "split.json").write_text(json.dumps({"dataset": "imagenet"}))
+    with pytest.raises(KeyError, match="unknown dataset 'imagenet'; valid: cifar10, cifar100, "
+                                       "digits, mnist, svhn"):
         load_dataset(tmp_path)
 
 

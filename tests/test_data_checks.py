@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, fast_params, subprocess_env
+from conftest import REPO, fast_params, subprocess_env, write_conf
 
 from pipeline.data import DATASETS, DataError, load_dataset
 from pipeline.io import load_npz
@@ -120,8 +120,9 @@ def test_split_json_without_a_field(data: Path) -> None:
 
 
 def test_unknown_dataset_is_a_data_error_and_a_key_error(data: Path) -> None:
-    rewrite_json(data / "split.json", lambda info: info.update(dataset="mnist"))
-    error = expect_error(data, "split.json", "unknown dataset 'mnist'; valid: digits")
+    rewrite_json(data / "split.json", lambda info: info.update(dataset="imagenet"))
+    error = expect_error(data, "split.json", "unknown dataset 'imagenet'; valid: cifar10, "
+                         "cifar100, digits, mnist, svhn")
     assert isinstance(error, KeyError)
 
 
@@ -203,6 +204,7 @@ def stage_project(tmp_path: Path, pristine: Path) -> Path:
     project = tmp_path / "project"
     shutil.copytree(pristine, project / "data")
     (project / "params.yaml").write_text(yaml.safe_dump(fast_params()))
+    write_conf(project)
     return project
 
 
