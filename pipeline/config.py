@@ -33,8 +33,11 @@ class Spec:
     choices: Callable[[], list[str]] | None = None
     pattern_help: str | None = None
     validator: Callable[[Any], bool] | None = None
+    nullable: bool = False
 
     def problem(self, value: Any) -> str | None:
+        if value is None and self.nullable:
+            return None
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
         if isinstance(value, bool) and bool not in kinds:
             return f"must be {self._kind_name()}, not a boolean"
@@ -59,8 +62,10 @@ class Spec:
 
     def _kind_name(self) -> str:
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-        return " or ".join(names.get(k, k.__name__) for k in kinds)
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                 list: "a list", dict: "a mapping"}
+        text = " or ".join(names.get(k, k.__name__) for k in kinds)
+        return f"{text} or null" if self.nullable else text
 
 
 def _registry_names(module: str, attribute: str) -> Callable[[], list[str]]:
@@ -79,6 +84,25 @@ def _is_device(value: str) -> bool:
     return head == "cuda" and index.isdigit()
 
 
+def _preset_names(group: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        from pipeline.settings import preset_names
+
+        return preset_names(group)
+
+    return names
+
+
+def _is_milestones(value: list[Any]) -> bool:
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    return ints and list(value) == sorted(set(value))
+
+
+def _is_checksum_map(value: dict[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v)
+               for k, v in value.items())
+
+
 def positive_int(maximum: float | None = None) -> Spec:
     return Spec(int, minimum=1, maximum=maximum)
 
@@ -95,7 +119,13 @@ def fraction() -> Spec:
     return Spec(float, minimum=0.0, maximum=1.0, min_exclusive=True)
 
 
+# How ConfidNet phase 1 sees the training images: features cached once by extract_features
+# (unaugmented), or recomputed every batch from augmented images by the frozen classifier.
+CONFIDNET_FEATURES = ("cached", "on_the_fly")
+
 SCHEMA: dict[str, Any] = {
+    "setting": Spec(str, choices=_preset_names("setting")),
+    "budget": Spec(str, choices=_preset_names("budget")),
     "seed": non_negative_int(),
     "dataset": Spec(str, choices=_registry_names("pipeline.data", "DATASETS")),
     "loss": Spec(str, choices=_registry_names("pipeline.losses", "LOSSES")),
@@ -105,6 +135,10 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "test_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),
         "val_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),
+        "split_seed": Spec(int, minimum=0, nullable=True),
+        "mirror": Spec(str),
+        "checksums": Spec(dict, validator=_is_checksum_map,
+                          pattern_help="a mapping of archive file name to its 32-hex MD5"),
     },
     "classifier": {
         "model": Spec(str, choices=_registry_names("pipeline.models", "MODELS")),
@@ -115,6 +149,14 @@ SCHEMA: dict[str, Any] = {
         "lr": positive_float(),
         "momentum": Spec(float, minimum=0.0, maximum=1.0),
         "weight_decay": Spec(float, minimum=0.0),
+        "milestones": Spec(list, validator=_is_milestones,
+                           pattern_help="increasing positive epoch numbers, e.g. [90, 135]"),
+        "gamma": fraction(),
+        "augmentation": {
+            "hflip": Spec(bool),
+            "rotate_degrees": Spec(float, minimum=0.0, maximum=180.0),
+            "crop_padding": non_negative_int(),
+        },
     },
     "confidnet": {
         "width": positive_int(),
@@ -124,6 +166,7 @@ SCHEMA: dict[str, Any] = {
         "lr": positive_float(),
         "focal_alpha": fraction(),
         "focal_gamma": Spec(float, minimum=0.0),
+        "features": Spec(str, choices=lambda: list(CONFIDNET_FEATURES)),
     },
     "finetune": {
         "epochs": non_negative_int(),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import features_path
+from pipeline.augment import Augmentation
 from pipeline.data import Split
 from pipeline.io import atomic_write_npz, load_npz
 from pipeline.losses import CRITERIA
@@ -54,14 +55,45 @@ def load_features(split: str, root: Path = Path()) -> Features:
     return Features(arrays["features"], arrays["logits"], arrays["labels"])
 
 
+def criterion_targets(logits: torch.Tensor, labels: torch.Tensor,
+                      criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The criterion value (TCP, eq. 2, or TCP^r, eq. 3) of the classifier's ``logits``,
+    computed in float64, and whether its prediction is correct (int64)."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    target = CRITERIA[criterion](probs, labels).float()
+    return target, (logits.argmax(dim=-1) == labels).long()
+
+
 def confidence_targets(features: Features, criterion: str,
                        inputs: torch.Tensor | None = None) -> ConfidenceData:
     """Targets for ConfidNet from the frozen classifier's logits: the criterion value
     (TCP or TCP^r) and correctness. ``inputs`` defaults to the features (phase 1)."""
-    probs = torch.softmax(torch.from_numpy(features.logits).double(), dim=-1)
-    target = CRITERIA[criterion](probs, torch.from_numpy(features.labels)).float()
+    labels = torch.from_numpy(features.labels)
+    target, correct = criterion_targets(torch.from_numpy(features.logits), labels, criterion)
     return ConfidenceData(
         inputs=torch.from_numpy(features.features) if inputs is None else inputs,
-        target=target,
-        correct=torch.from_numpy(features.correct),
+        target=target, correct=correct, labels=labels,
     )
+
+
+@dataclass(frozen=True)
+class AugmentedTargets:
+    """Targets for a batch of *augmented* training images, as the authors' loaders give
+    ConfidNet in both phases: augment the images, run the frozen classifier on them (eval
+    mode, no gradient) and take the criterion of its output on what it actually sees.
+
+    Cached features are of unaugmented images; with an inactive augmentation both agree,
+    with an active one this is the only way to train on augmented images."""
+
+    classifier: Classifier
+    augment: Augmentation
+    criterion: str
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.classifier.eval()
+        augmented = self.augment(images, generator)
+        target, correct = criterion_targets(self.classifier(augmented).float(), labels,
+                                            self.criterion)
+        return augmented, target, correct

@@ -39,11 +39,13 @@ def percent(value: float | None) -> str:
     return f"{100 * value:.2f}"
 
 
-def paper_table(dataset: str) -> tuple[str, dict[str, Any]] | None:
+def paper_table(setting: str) -> tuple[str, dict[str, Any]] | None:
+    """The paper's Table 1 row of ``setting``, or of its closest paper setting (for the
+    embedded digits), as ``(paper setting, row)``; None when there is neither."""
     data = yaml.safe_load(PAPER_RESULTS.read_text())
-    setting = data["closest_setting"].get(dataset, dataset)
-    row = data["table1"].get(setting)
-    return (setting, row) if row else None
+    closest = data["closest_setting"].get(setting, setting)
+    row = data["table1"].get(closest)
+    return (closest, row) if row else None
 
 
 def with_interval(value: float, interval: tuple[float, float] | None) -> str:

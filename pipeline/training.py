@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import Split
 from pipeline.metrics import aupr_error
@@ -103,13 +104,16 @@ def _progress(epochs: int, desc: str, done: int = 0) -> tqdm:
 
 
 def _training_state(model: nn.Module, optimiser: torch.optim.Optimizer,
-                    generator: torch.Generator, result: FitResult) -> dict[str, Any]:
-    """Everything an epoch boundary depends on: weights, optimiser, batch-order generator,
-    torch's global RNG (dropout) and the result so far. The loops draw from no Python or
-    numpy RNG, so those are not saved."""
+                    generator: torch.Generator, result: FitResult,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    ) -> dict[str, Any]:
+    """Everything an epoch boundary depends on: weights, optimiser, learning-rate schedule,
+    the generator of batch order and augmentations, torch's global RNG (dropout) and the
+    result so far. The loops draw from no Python or numpy RNG, so those are not saved."""
     state = {
         "model": model.state_dict(),
         "optimiser": optimiser.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "result": {"best_state": result.best_state, "best_epoch": result.best_epoch,
@@ -122,7 +126,8 @@ def _training_state(model: nn.Module, optimiser: torch.optim.Optimizer,
 
 def _resume(checkpointer: Checkpointer | None, model: nn.Module,
             optimiser: torch.optim.Optimizer, generator: torch.Generator, epochs: int,
-            log: EpochLogger) -> tuple[int, FitResult | None]:
+            log: EpochLogger, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+            ) -> tuple[int, FitResult | None]:
     """Restore the last checkpoint, if any: ``(epochs done, result so far)``, else
     ``(0, None)``. Epochs already done are logged again, so a fresh tracking run still
     gets the whole curve."""
@@ -132,6 +137,8 @@ def _resume(checkpointer: Checkpointer | None, model: nn.Module,
     done, state = loaded
     model.load_state_dict(state["model"])
     optimiser.load_state_dict(state["optimiser"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     cuda_rng = state.get("cuda_rng")
@@ -149,24 +156,35 @@ def _resume(checkpointer: Checkpointer | None, model: nn.Module,
 
 def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, Any],
                      device: torch.device, seed: int, log: EpochLogger,
-                     checkpointer: Checkpointer | None = None) -> FitResult:
-    """Cross-entropy training with SGD (paper eq. 1); keeps the epoch with the best
-    validation accuracy, as the authors do. With a ``checkpointer``, resumes from its
-    last checkpoint and saves one after every epoch."""
+                     checkpointer: Checkpointer | None = None,
+                     augment: Augmentation | None = None) -> FitResult:
+    """Cross-entropy training with SGD (paper eq. 1), the learning rate multiplied by
+    ``gamma`` at each of ``milestones`` (the authors' CIFAR-100 schedule); keeps the epoch
+    with the best validation accuracy, as the authors do. ``augment`` applies to training
+    batches only: validation accuracy is measured on the images as they are. With a
+    ``checkpointer``, resumes from its last checkpoint and saves one after every epoch."""
     model.to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=cfg["milestones"],
+                                                     gamma=cfg["gamma"])
     generator = torch.Generator().manual_seed(seed)
-    done, result = _resume(checkpointer, model, optimiser, generator, cfg["epochs"], log)
+    done, result = _resume(checkpointer, model, optimiser, generator, cfg["epochs"], log,
+                           scheduler)
     if result is None:
         result = FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(model(train.x[idx].to(device)), train.y[idx].to(device))
+        x = train.x[idx].to(device)
+        if augment is not None:
+            x = augment(x, generator)
+        return nn.functional.cross_entropy(model(x), train.y[idx].to(device))
 
     for epoch in _progress(cfg["epochs"], "train classifier", done):
-        row = {"train_loss": train_one_epoch(model, optimiser, len(train), cfg["batch_size"],
+        row = {"lr": optimiser.param_groups[0]["lr"],
+               "train_loss": train_one_epoch(model, optimiser, len(train), cfg["batch_size"],
                                              generator, batch_loss)}
+        scheduler.step()
         for name, split in (("train", train), ("val", val)):
             logits = predict(model, split.x, 4096, device)
             row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
@@ -174,7 +192,8 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
             predict(model, val.x, 4096, device), val.y))
         result.record(epoch, row, "val_accuracy", model, log)
         if checkpointer is not None and checkpointer.due():
-            checkpointer.save(epoch, _training_state(model, optimiser, generator, result))
+            checkpointer.save(epoch, _training_state(model, optimiser, generator, result,
+                                                     scheduler))
     return result
 
 
@@ -185,17 +204,29 @@ class ConfidenceData:
     inputs: torch.Tensor  # features (phase 1) or images (fine-tuning)
     target: torch.Tensor  # criterion value (TCP or TCP^r) of the frozen classifier
     correct: torch.Tensor  # 1 where the frozen classifier is right
+    labels: torch.Tensor | None = None  # true classes, for targets recomputed per batch
+
+
+# Augments a batch of images and recomputes its targets from the frozen classifier:
+# (images, labels, generator) -> (inputs, target, correct). See features.AugmentedTargets.
+Relabel = Callable[[torch.Tensor, torch.Tensor, torch.Generator],
+                   tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                    loss_fn: Callable[..., torch.Tensor], loss_kwargs: dict[str, float],
                    epochs: int, lr: float, batch_size: int, device: torch.device, seed: int,
                    log: EpochLogger, desc: str,
-                   checkpointer: Checkpointer | None = None) -> FitResult:
+                   checkpointer: Checkpointer | None = None,
+                   relabel: Relabel | None = None) -> FitResult:
     """Train a model that maps inputs to a confidence logit (Adam, as the authors do);
     keep the epoch with the best validation AUPR-Error. Epoch 0 is the starting point,
-    so fine-tuning can never end worse on validation than where it began. With a
-    ``checkpointer``, resumes from its last checkpoint and saves one after every epoch."""
+    so fine-tuning can never end worse on validation than where it began. With
+    ``relabel``, each training batch is augmented and its targets recomputed (``train``
+    must then carry ``labels``); validation is never augmented. With a ``checkpointer``,
+    resumes from its last checkpoint and saves one after every epoch."""
+    if relabel is not None and train.labels is None:
+        raise ValueError("relabel needs the training labels (ConfidenceData.labels)")
     model.to(device)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -211,8 +242,12 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                            [{"epoch": 0, "val_aupr_error": start}])
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        return loss_fn(model(train.inputs[idx].to(device)), train.target[idx].to(device),
-                       train.correct[idx].to(device), **loss_kwargs)
+        inputs = train.inputs[idx].to(device)
+        if relabel is None or train.labels is None:
+            target, correct = train.target[idx].to(device), train.correct[idx].to(device)
+        else:
+            inputs, target, correct = relabel(inputs, train.labels[idx].to(device), generator)
+        return loss_fn(model(inputs), target, correct, **loss_kwargs)
 
     for epoch in _progress(epochs, desc, done):
         row = {"train_loss": train_one_epoch(model, optimiser, len(train.target), batch_size,

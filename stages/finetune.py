@@ -2,7 +2,11 @@
 classifier's encoder plus the phase-1 head, trained end to end with dropout off, batch-norm
 statistics frozen and a lower learning rate. The original classifier is never updated: the
 targets and the predictions come from its cached logits. Epoch kept on validation
-AUPR-Error, epoch 0 being the phase-1 model."""
+AUPR-Error, epoch 0 being the phase-1 model.
+
+With an active ``classifier.augmentation`` each training batch is augmented, as the
+authors' loaders do in every phase, and its targets come from the untouched classifier's
+output on the augmented images (``features.AugmentedTargets``)."""
 
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from pipeline.artifacts import (
     METRICS,
     PLOTS,
 )
+from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
-from pipeline.features import confidence_targets, load_features
+from pipeline.features import AugmentedTargets, confidence_targets, load_features
 from pipeline.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -47,6 +52,9 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     head = ConfidNetHead(classifier.feature_dim, head_cfg["width"], head_cfg["layers"])
     head.load_state_dict(torch.load(CONFIDNET, map_location="cpu", weights_only=True))
     model = ConfidNetModel(classifier, head)
+    augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
+    relabel = (AugmentedTargets(classifier.to(device), augment, params["criterion"])
+               if augment.active else None)
     data = {
         s: confidence_targets(load_features(s), params["criterion"], inputs=dataset[s].x)
         for s in ("train", "val", "test")
@@ -56,7 +64,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         loss_kwargs(params), epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
         device=device, seed=params["seed"],
         log=lambda epoch, row: run.log_metrics(row, step=epoch), desc="finetune",
-        checkpointer=checkpointer,
+        checkpointer=checkpointer, relabel=relabel,
     )
     model.load_state_dict(result.best_state)
     atomic_torch_save(CONFIDNET_FINETUNED, result.best_state)

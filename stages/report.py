@@ -48,7 +48,7 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
     records = [read_json(RUNS / f"{s}.json") for s in STAGE_ORDER if (RUNS / f"{s}.json").exists()]
     records.append(this_run.record())
 
-    out = [f"# Failure prediction with ConfidNet: `{params['dataset']}`", ""]
+    out = [f"# Failure prediction with ConfidNet: `{params['setting']}`", ""]
     out += ["## Result", "", verdict(test, significance, test_errors), ""]
     accuracy = test["mcp"]["accuracy"]
     out += [
@@ -88,12 +88,12 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
         "full-coverage point dropped, trapezoid; closed-form oracle). See `pipeline/metrics.py`.",
         "",
     ]
-    paper = paper_table(params["dataset"])
+    paper = paper_table(params["setting"])
     if paper is not None:
         setting, row = paper
-        same = setting == params["dataset"]
+        same = setting == params["setting"]
         note = ("" if same else
-                f" The paper has no `{params['dataset']}` setting; its closest, {row['label']}, "
+                f" The paper has no `{params['setting']}` setting; its closest, {row['label']}, "
                 "is shown for scale only: a different dataset, so no cell compares directly.")
         out += [f"### The paper's numbers, {row['label']} (Table 1, %)", "", paper_rows(row), "",
                 note.strip(), ""]

@@ -1,10 +1,12 @@
-"""Stage 2: train the classifier; keep the epoch with the best validation accuracy."""
+"""Stage 2: train the classifier (training images augmented as the setting says); keep the
+epoch with the best validation accuracy, measured on unaugmented validation images."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pipeline.artifacts import CLASSIFIER, DATA, METRICS, PLOTS
+from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, history_csv
@@ -20,9 +22,10 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     data = load_dataset(DATA)
     cfg = params["classifier"]
     model = build_classifier(data.input_shape, data.num_classes, cfg)
+    augment = Augmentation.from_params(cfg["augmentation"], data.pad_value)
     result = train_classifier(model, data["train"], data["val"], cfg, device, params["seed"],
                               log=lambda epoch, row: run.log_metrics(row, step=epoch),
-                              checkpointer=checkpointer)
+                              checkpointer=checkpointer, augment=augment)
     atomic_torch_save(CLASSIFIER, result.best_state)
     best = result.history[result.best_epoch - 1]
     summary = {"best_epoch": result.best_epoch, "val_accuracy": best["val_accuracy"],

@@ -1,17 +1,29 @@
 """Stage 4: ConfidNet phase 1 (paper Sec. 2.2): the head learns the criterion on the
-frozen classifier's cached penultimate features; epoch kept on validation AUPR-Error.
+frozen classifier's penultimate features (every classifier parameter frozen, batch-norm in
+eval mode); epoch kept on validation AUPR-Error.
 
-Training on cached features is exact here: phase 1 freezes every classifier parameter
-and the embedded dataset has no augmentation, so features of the same inputs never change.
+``confidnet.features`` chooses what the head trains on:
+
+- ``cached`` (default): the features ``extract_features`` computed once, of unaugmented
+  images. Exact when the setting has no augmentation (MNIST, SVHN): phase 1 freezes the
+  classifier, so features of the same inputs never change. Fast: no image passes.
+- ``on_the_fly``: every training batch is augmented as the classifier's training was, the
+  frozen classifier computes its features and the target (TCP of its output on the
+  augmented image), as the authors' loaders do. Costs a classifier forward per batch; the
+  head then sees the same input distribution as during the authors' phase 1 on CIFAR.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.artifacts import CONFIDNET, CONFIDNET_SCORES, METRICS, PLOTS
+from torch import nn
+
+from pipeline.artifacts import CLASSIFIER, CONFIDNET, CONFIDNET_SCORES, DATA, METRICS, PLOTS
+from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
-from pipeline.features import confidence_targets, load_features
+from pipeline.data import load_dataset
+from pipeline.features import AugmentedTargets, ConfidenceData, confidence_targets, load_features
 from pipeline.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -20,10 +32,10 @@ from pipeline.io import (
     history_csv,
 )
 from pipeline.losses import LOSSES
-from pipeline.models import ConfidNetHead
+from pipeline.models import ConfidNetHead, ConfidNetModel, load_classifier
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, confidnet_summary_metrics
-from pipeline.training import confidence_scores, fit_confidence, resolve_device
+from pipeline.training import Relabel, confidence_scores, fit_confidence, resolve_device
 
 
 def loss_kwargs(params: dict[str, Any]) -> dict[str, float]:
@@ -31,23 +43,43 @@ def loss_kwargs(params: dict[str, Any]) -> dict[str, float]:
     return {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"]}
 
 
+def on_the_fly_model(params: dict[str, Any], head: ConfidNetHead, splits: dict[str, Any],
+                     device: Any) -> tuple[nn.Module, dict[str, ConfidenceData], Relabel | None]:
+    """The head on a frozen copy of the classifier, fed images; targets of augmented
+    training batches recomputed by the classifier."""
+    dataset = load_dataset(DATA)
+    classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
+                                 params["classifier"]).to(device)
+    model = ConfidNetModel(classifier, head, freeze_encoder=True)
+    data = {s: confidence_targets(f, params["criterion"], inputs=dataset[s].x)
+            for s, f in splits.items()}
+    augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
+    relabel = AugmentedTargets(classifier, augment, params["criterion"]) \
+        if augment.active else None
+    return model, data, relabel
+
+
 def body(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     checkpointer = Checkpointer.for_stage("train_confidnet", params)
     cfg = params["confidnet"]
     splits = {s: load_features(s) for s in ("train", "val", "test")}
-    data = {s: confidence_targets(f, params["criterion"]) for s, f in splits.items()}
     head = ConfidNetHead(splits["train"].features.shape[1], cfg["width"], cfg["layers"])
+    relabel: Relabel | None = None
+    model: nn.Module = head
+    if cfg["features"] == "on_the_fly":
+        model, data, relabel = on_the_fly_model(params, head, splits, device)
+    else:
+        data = {s: confidence_targets(f, params["criterion"]) for s, f in splits.items()}
     result = fit_confidence(
-        head, data["train"], data["val"], LOSSES[params["loss"]], loss_kwargs(params),
+        model, data["train"], data["val"], LOSSES[params["loss"]], loss_kwargs(params),
         epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], device=device,
         seed=params["seed"], log=lambda epoch, row: run.log_metrics(row, step=epoch),
-        desc="train confidnet",
-        checkpointer=checkpointer,
+        desc="train confidnet", checkpointer=checkpointer, relabel=relabel,
     )
-    head.load_state_dict(result.best_state)
-    atomic_torch_save(CONFIDNET, result.best_state)
-    scores = {s: confidence_scores(head, data[s].inputs, device) for s in ("val", "test")}
+    model.load_state_dict(result.best_state)
+    atomic_torch_save(CONFIDNET, head.state_dict())
+    scores = {s: confidence_scores(model, data[s].inputs, device) for s in ("val", "test")}
     atomic_write_npz(CONFIDNET_SCORES, **scores)
     train = data["train"]
     summary = {

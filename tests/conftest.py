@@ -4,7 +4,9 @@ minute on two cores."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,15 +58,34 @@ def source_files(repo: Path = REPO) -> list[str]:
     return keep
 
 
+FAST_BUDGET = "fast"
+
+
 def fast_params(repo: Path = REPO) -> dict[str, Any]:
-    """The repository's params.yaml with FAST_OVERRIDES applied; other keys carry over."""
+    """The repository's params.yaml with FAST_OVERRIDES applied and ``budget: fast``; other
+    keys carry over. A directory that runs stages with these params needs ``write_conf``."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in FAST_OVERRIDES.items():
         assert section in params, f"params.yaml has no {section!r} section"
         for key, value in values.items():
             assert key in params[section], f"params.yaml has no {section}.{key}"
             params[section][key] = value
+    params["budget"] = FAST_BUDGET
     return params
+
+
+def write_conf(project: Path) -> None:
+    """The repository's ``conf/`` plus a ``fast`` budget preset (FAST_OVERRIDES) that is
+    the default, so `dvc exp run` in ``project`` composes fast params (as params.yaml has
+    them) and ``budget: fast`` validates."""
+    shutil.copytree(REPO / "conf", project / "conf", dirs_exist_ok=True)
+    preset = {"budget": FAST_BUDGET, **FAST_OVERRIDES}
+    (project / "conf" / "budget" / f"{FAST_BUDGET}.yaml").write_text(
+        "# @package _global_\n" + yaml.safe_dump(preset, sort_keys=False))
+    config = project / "conf" / "config.yaml"
+    text = config.read_text()
+    assert "  - budget: full\n" in text, "conf/config.yaml no longer defaults to budget: full"
+    config.write_text(text.replace("  - budget: full\n", f"  - budget: {FAST_BUDGET}\n"))
 
 
 def write_params(project: Path, params: Mapping[str, Any]) -> None:
@@ -109,14 +130,24 @@ def git_head(project: Path) -> str:
 
 
 def make_project(dest: Path, params: Mapping[str, Any] | None = None) -> Path:
-    """Copy the sources into ``dest``, write ``params`` (default: fast_params()), and
-    commit it all in a new git repository so `dvc exp run` works."""
+    """Copy the sources into ``dest``, write ``params`` (default: fast_params(), composed
+    from ``conf/`` as DVC does), and commit it all in a new git repository so `dvc exp run`
+    works. `dvc exp run` recomposes params.yaml from ``conf/`` (fast budget by default):
+    explicit ``params`` hold for `dvc repro` and direct stage runs."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in source_files():
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
-    write_params(dest, fast_params() if params is None else params)
+    write_conf(dest)
+    if params is None:
+        from pipeline.settings import compose
+
+        # What `dvc exp run` will compose, so the first experiment changes nothing else.
+        (dest / "params.yaml").write_text(compose(root=dest))
+        assert yaml.safe_load((dest / "params.yaml").read_text()) == fast_params()
+    else:
+        write_params(dest, params)
     run(dest, ["git", "init", "-q", "-b", "main"])
     run(dest, ["git", "config", "user.name", "e2e tests"])
     run(dest, ["git", "config", "user.email", "e2e@example.invalid"])
@@ -211,3 +242,43 @@ def isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("DO_NOT_TRACK", "1")
     return monkeypatch
+
+
+# --- queued DVC experiments (test_parallel_experiments, test_settings_e2e) -----------------
+
+FINAL = {"Success", "Failed", "Killed", "Reverted"}
+
+
+def queue_status(project: Path) -> tuple[dict[str, str], str]:
+    """Experiment name -> status of `dvc queue status`, and its text."""
+    out = run(project, ["dvc", "queue", "status"]).stdout
+    statuses = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{7}", parts[0]):
+            statuses[parts[1]] = parts[-1]
+    return statuses, out
+
+
+def wait_for_queue(project: Path, names: set[str], timeout_s: float) -> dict[str, str]:
+    """Poll `dvc queue status` until every experiment of ``names`` is final."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses, out = queue_status(project)
+        done = set(statuses) >= names and all(statuses[n] in FINAL for n in names)
+        if done and "Worker status: 0 active, 0 idle" in out:
+            return statuses
+        if time.monotonic() > deadline:
+            pytest.fail(f"queue not done after {timeout_s} s:\n{out}", pytrace=False)
+        time.sleep(5)
+
+
+def experiments_shown(project: Path) -> dict[str, dict[str, Any]]:
+    """Experiment name -> its `dvc exp show --json` data (params, metrics)."""
+    shown = json.loads(run(project, ["dvc", "exp", "show", "--json"]).stdout)
+    found = {}
+    for commit in shown:
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                found[rev["name"]] = rev["data"]
+    return found

@@ -21,6 +21,7 @@ import torch
 import yaml
 from conftest import REPO, fast_params, make_project, run, subprocess_env
 
+from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer, fingerprint, stage_fingerprint
 from pipeline.data import Split
 from pipeline.losses import LOSSES
@@ -29,8 +30,11 @@ from pipeline.training import ConfidenceData, FitResult, fit_confidence, train_c
 
 CPU = torch.device("cpu")
 EPOCHS = 6
+# A learning-rate drop and augmentation, so a resume must restore the schedule and the
+# generator that draws the augmentations too.
 CLASSIFIER_CFG = {"epochs": EPOCHS, "batch_size": 32, "lr": 0.05, "momentum": 0.9,
-                  "weight_decay": 1e-4}
+                  "weight_decay": 1e-4, "milestones": [3], "gamma": 0.5}
+AUGMENT = Augmentation(hflip=True, crop_padding=1, pad_value=(-0.5,))
 
 
 class Interrupt(Exception):
@@ -67,7 +71,7 @@ def fit_classifier(checkpointer: Checkpointer | None, init_seed: int = 0,
     model = MLP((1, 8, 8), 10, hidden=32, dropout=0.3)
     result = train_classifier(model, TRAIN, VAL, CLASSIFIER_CFG, CPU, seed=0,
                               log=logger([] if rows is None else rows, stop_at),
-                              checkpointer=checkpointer)
+                              checkpointer=checkpointer, augment=AUGMENT)
     return model, result
 
 

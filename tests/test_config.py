@@ -44,7 +44,7 @@ def test_schema_covers_every_key_of_params_yaml(base_params: dict[str, Any]) -> 
     def leaves(node: dict[str, Any], prefix: str = "") -> set[str]:
         out: set[str] = set()
         for key, value in node.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and prefix + key != "data.checksums":
                 out |= leaves(value, f"{prefix}{key}.")
             else:
                 out.add(f"{prefix}{key}")
@@ -66,12 +66,14 @@ BAD_ROWS = [
                  id="zero-batch-size"),
     pytest.param("baselines.batch_size", 0, ["baselines.batch_size = 0", ">= 1"],
                  id="zero-mc-batch-size"),
-    pytest.param("dataset", "mnist", ["dataset = 'mnist'", "valid values: digits"],
+    pytest.param("dataset", "imagenet", ["dataset = 'imagenet'",
+                                         "valid values: cifar10, cifar100, digits, mnist, svhn"],
                  id="unknown-dataset"),
     pytest.param("criterion", "tcpr", ["criterion = 'tcpr'", "valid values: tcp, tcp_r"],
                  id="unknown-criterion"),
     pytest.param("classifier.model", "resnet", ["classifier.model = 'resnet'",
-                                                "valid values: mlp"], id="unknown-model"),
+                                                "valid values: mlp, smallconv_mnist, "
+                                                "smallconv_svhn, vgg16"], id="unknown-model"),
     pytest.param("device", "gpu", ["device = 'gpu'", "auto, cpu, cuda, cuda:N"],
                  id="bad-device"),
     pytest.param("device", "cuda:x", ["device = 'cuda:x'", "cuda:N"], id="bad-device-index"),
@@ -110,6 +112,37 @@ BAD_ROWS = [
     pytest.param("criterion", MISSING, ["criterion: missing"], id="missing-top-level-key"),
     pytest.param("classifier", 5, ["classifier", "must be a mapping", "5"],
                  id="section-not-a-mapping"),
+    pytest.param("setting", "cifar10", ["setting = 'cifar10'", "valid values: cifar100_vgg16, "
+                                        "cifar10_vgg16, digits_mlp, mnist_mlp"],
+                 id="unknown-setting"),
+    pytest.param("budget", "tiny", ["budget = 'tiny'", "full", "smoke"], id="unknown-budget"),
+    pytest.param("data.split_seed", -1, ["data.split_seed = -1", ">= 0"],
+                 id="negative-split-seed"),
+    pytest.param("data.split_seed", "42", ["data.split_seed = '42'", "an integer or null"],
+                 id="string-split-seed"),
+    pytest.param("data.checksums", {"cifar-10-python.tar.gz": "abc"},
+                 ["data.checksums", "32-hex MD5"], id="bad-checksum"),
+    pytest.param("data.checksums", ["x"], ["data.checksums", "must be a mapping"],
+                 id="checksums-not-a-mapping"),
+    pytest.param("data.mirror", None, ["data.mirror = None", "must be a string"],
+                 id="null-mirror"),
+    pytest.param("classifier.milestones", [135, 90], ["classifier.milestones = [135, 90]",
+                                                      "increasing positive epoch numbers"],
+                 id="decreasing-milestones"),
+    pytest.param("classifier.milestones", 90, ["classifier.milestones = 90", "must be a list"],
+                 id="milestone-not-a-list"),
+    pytest.param("classifier.gamma", 0.0, ["classifier.gamma = 0.0", "> 0.0"],
+                 id="zero-gamma"),
+    pytest.param("classifier.augmentation.hflip", "yes",
+                 ["classifier.augmentation.hflip = 'yes'", "true or false"], id="string-hflip"),
+    pytest.param("classifier.augmentation.rotate_degrees", 270.0,
+                 ["classifier.augmentation.rotate_degrees = 270.0", "<= 180"],
+                 id="rotation-above-range"),
+    pytest.param("classifier.augmentation.crop_padding", -4,
+                 ["classifier.augmentation.crop_padding = -4", ">= 0"], id="negative-padding"),
+    pytest.param("confidnet.features", "fresh", ["confidnet.features = 'fresh'",
+                                                 "valid values: cached, on_the_fly"],
+                 id="unknown-features-mode"),
 ]
 
 
@@ -196,8 +229,74 @@ def test_load_params_from_file(tmp_path: Path, base_params) -> None:
 
 def test_scientific_notation_written_by_dvc_is_a_number(tmp_path) -> None:
     # `dvc exp run -S finetune.lr=1e-6` writes `lr: 1e-06`, a string to plain PyYAML
-    text = PARAMS_FILE.read_text().replace("lr: 0.000001", "lr: 1e-06")
+    text = PARAMS_FILE.read_text().replace("lr: 1.0e-06", "lr: 1e-06")
     assert "1e-06" in text
     (tmp_path / "params.yaml").write_text(text)
     params = load_params(tmp_path / "params.yaml")
     assert params["finetune"]["lr"] == 1e-6
+
+
+def test_params_yaml_is_what_dvc_composes_from_conf() -> None:
+    """`dvc exp run` (Hydra composition) rewrites params.yaml from conf/: the committed file
+    must be that output, or the first experiment would silently change the defaults."""
+    from pipeline.settings import compose
+
+    assert PARAMS_FILE.read_text() == compose(root=PARAMS_FILE.parent)
+
+
+PAPER_PRESETS = {  # setting: (dataset, model, epochs, lr, weight decay) from the authors' notes
+    "mnist_mlp": ("mnist", "mlp", 100, 1e-3, 1e-4),
+    "mnist_smallconv": ("mnist", "smallconv_mnist", 100, 1e-3, 1e-4),
+    "svhn_smallconv": ("svhn", "smallconv_svhn", 100, 1e-3, 1e-4),
+    "cifar10_vgg16": ("cifar10", "vgg16", 250, 1e-3, 5e-4),
+    "cifar100_vgg16": ("cifar100", "vgg16", 170, 0.1, 1e-4),
+}
+
+
+@pytest.mark.parametrize("setting", [*PAPER_PRESETS, "digits_mlp"])
+def test_every_preset_composes_to_valid_params(setting: str) -> None:
+    from pipeline.settings import compose
+
+    params = validate(yaml.safe_load(compose([f"setting={setting}"], root=PARAMS_FILE.parent)))
+    assert params["setting"] == setting
+    if setting in PAPER_PRESETS:
+        dataset, model, epochs, lr, weight_decay = PAPER_PRESETS[setting]
+        cfg = params["classifier"]
+        assert (params["dataset"], cfg["model"], cfg["epochs"], cfg["lr"],
+                cfg["weight_decay"]) == (dataset, model, epochs, lr, weight_decay)
+        assert (cfg["batch_size"], cfg["momentum"]) == (128, 0.9)
+        assert params["data"]["split_seed"] == 42 and params["data"]["val_fraction"] == 0.1
+        confidnet = params["confidnet"]
+        assert (confidnet["epochs"], confidnet["lr"], confidnet["batch_size"]) == (500, 1e-4, 128)
+
+
+def test_preset_details_and_overrides() -> None:
+    from pipeline.settings import compose
+
+    def composed(*overrides: str) -> dict[str, Any]:
+        return yaml.safe_load(compose(list(overrides), root=PARAMS_FILE.parent))
+
+    cifar100 = composed("setting=cifar100_vgg16")["classifier"]
+    assert cifar100["milestones"] == [90, 135] and cifar100["gamma"] == 0.1
+    assert cifar100["augmentation"] == {"hflip": True, "rotate_degrees": 0.0, "crop_padding": 4}
+    cifar10 = composed("setting=cifar10_vgg16")["classifier"]
+    assert cifar10["milestones"] == []
+    assert cifar10["augmentation"] == {"hflip": True, "rotate_degrees": 15.0, "crop_padding": 0}
+    # any single knob still overrides the preset; the budget overrides the setting
+    overridden = composed("setting=cifar10_vgg16", "classifier.epochs=7", "seed=3")
+    assert overridden["classifier"]["epochs"] == 7 and overridden["seed"] == 3
+    assert overridden["classifier"]["lr"] == 1e-3
+    smoke = composed("setting=cifar100_vgg16", "budget=smoke")
+    assert smoke["budget"] == "smoke"
+    assert (smoke["classifier"]["epochs"], smoke["confidnet"]["epochs"],
+            smoke["finetune"]["epochs"]) == (1, 1, 1)
+    assert smoke["classifier"]["milestones"] == [90, 135]
+
+
+def test_unknown_setting_names_the_presets() -> None:
+    from hydra.errors import HydraException
+
+    from pipeline.settings import compose
+
+    with pytest.raises(HydraException, match="cifar10_vgg16"):
+        compose(["setting=cifar10"], root=PARAMS_FILE.parent)

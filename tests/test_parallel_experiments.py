@@ -6,14 +6,12 @@ DVC_ROOT from the queue's temporary copies), with its artifacts beside it."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import run
+from conftest import experiments_shown, run, wait_for_queue
 
 from pipeline.metrics import METRIC_NAMES
 
@@ -22,44 +20,7 @@ pytestmark = pytest.mark.slow
 OVERRIDES = {"loss=bce": ("loss", "bce"), "loss=focal": ("loss", "focal"),
              "loss=ranking": ("loss", "ranking"), "criterion=tcp_r": ("criterion", "tcp_r")}
 MUST_RUN = ("train_confidnet", "finetune", "evaluate", "report")  # what each override reruns
-FINAL = {"Success", "Failed", "Killed", "Reverted"}
 TIMEOUT_S = 540
-
-
-def queue_status(project: Path) -> tuple[dict[str, str], str]:
-    """Experiment name -> status of `dvc queue status`, and its text."""
-    out = run(project, ["dvc", "queue", "status"]).stdout
-    statuses = {}
-    for line in out.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{7}", parts[0]):
-            statuses[parts[1]] = parts[-1]
-    return statuses, out
-
-
-def wait_for_queue(project: Path, names: set[str]) -> dict[str, str]:
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        statuses, out = queue_status(project)
-        done = set(statuses) >= names and all(statuses[n] in FINAL for n in names)
-        if done and "Worker status: 0 active, 0 idle" in out:
-            return statuses
-        if time.monotonic() > deadline:
-            pytest.fail(f"queue not done after {TIMEOUT_S} s:\n{out}", pytrace=False)
-        time.sleep(5)
-
-
-def experiments_shown(project: Path) -> dict[str, dict[str, Any]]:
-    """Experiment name -> its `dvc exp show --json` data (params, metrics)."""
-    shown = json.loads(run(project, ["dvc", "exp", "show", "--json"]).stdout)
-    found = {}
-    for commit in shown:
-        for experiment in commit.get("experiments") or []:
-            for rev in experiment["revs"]:
-                found[rev["name"]] = rev["data"]
-    return found
-
-
 def test_four_queued_experiments_two_at_a_time(fresh_project: Path) -> None:
     import mlflow
 
@@ -77,7 +38,7 @@ def test_four_queued_experiments_two_at_a_time(fresh_project: Path) -> None:
     run(project, ["dvc", "queue", "start", "-j", "2"])
     finished = False
     try:
-        statuses = wait_for_queue(project, set(names))
+        statuses = wait_for_queue(project, set(names), TIMEOUT_S)
         finished = True
     finally:
         if not finished:

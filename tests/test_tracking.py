@@ -23,7 +23,16 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, STAGES, Reproduced, fast_params, free_port, run, subprocess_env
+from conftest import (
+    REPO,
+    STAGES,
+    Reproduced,
+    fast_params,
+    free_port,
+    run,
+    subprocess_env,
+    write_conf,
+)
 
 from pipeline import replay
 from pipeline.stage import run_stage
@@ -142,6 +151,7 @@ def small_project(tmp_path: Path, isolated_mlflow: pytest.MonkeyPatch) -> Path:
     """params.yaml and dvc.yaml in a temporary working directory (no git, no DVC)."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(fast_params()))
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    write_conf(tmp_path)
     isolated_mlflow.chdir(tmp_path)
     return tmp_path
 
@@ -251,7 +261,9 @@ def test_replay_skips_outputs_of_other_params(small_project: Path,
     (small_project / "runs" / "download.json").write_text("{}")
     (small_project / "data").mkdir()
     lock = {"schema": "2.0", "stages": {"download": {"params": {"params.yaml": {
-        "seed": 7, "dataset": "digits", "data": {"test_fraction": "3e-1", "val_fraction": 0.1}}}}}}
+        "seed": 7, "dataset": "digits", "data": {
+            "test_fraction": "3e-1", "val_fraction": 0.1, "split_seed": None, "mirror": "",
+            "checksums": {}}}}}}}
     (small_project / "dvc.lock").write_text(yaml.safe_dump(lock))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{small_project / 'other.db'}"
     assert replay.main(["--stage", "download"]) == 1

@@ -1,0 +1,141 @@
+"""Every paper setting end to end on CPU: the documented Table 1 command (one sweep of queued
+DVC experiments) with the smoke budget, on small files in each dataset's real format served
+by a local HTTP server, then `python -m pipeline.table1`. This runs, for each setting, the
+real download (torchvision's downloader, checksums), loader, architecture, both ConfidNet
+phases, every baseline and the evaluation; one more experiment overrides single knobs on
+top of a preset (CIFAR-100's schedule and augmentation, features on the fly, focal loss)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import experiments_shown, make_project, run, wait_for_queue
+from fake_datasets import NAMES, no_proxy_env, serve_folder, write_dataset
+
+from pipeline.settings import compose
+
+pytestmark = pytest.mark.slow
+
+PAPER_SETTINGS = {"mnist_mlp": ("mnist", "mlp"), "mnist_smallconv": ("mnist", "smallconv_mnist"),
+                  "svhn_smallconv": ("svhn", "smallconv_svhn"),
+                  "cifar10_vgg16": ("cifar10", "vgg16"), "cifar100_vgg16": ("cifar100", "vgg16")}
+SWEEP = "setting=" + ",".join(PAPER_SETTINGS)  # as the README's Table 1 command
+OVERRIDES = ["setting=cifar100_vgg16", "budget=smoke", "classifier.epochs=2", "loss=focal",
+             "criterion=tcp_r", "confidnet.features=on_the_fly"]
+TIMEOUT_S = 900
+
+
+def point_conf_at_mirror(project: Path, url: str, checksums: dict[str, str]) -> None:
+    """Set data.mirror and data.checksums in the project's conf/config.yaml, as a team with
+    an internal mirror of re-packed archives would, and commit."""
+    config = project / "conf" / "config.yaml"
+    text = config.read_text()
+    assert "  mirror: ''" in text and "  checksums: {}" in text
+    text = text.replace("  mirror: ''", f"  mirror: '{url}'")
+    text = text.replace("  checksums: {}", f"  checksums: {json.dumps(checksums)}")
+    config.write_text(text)
+    (project / "params.yaml").write_text(compose(root=project))
+    run(project, ["git", "commit", "-qam", "use the local mirror"])
+
+
+def queue(project: Path, *overrides: str) -> list[str]:
+    args = ["dvc", "exp", "run", "--queue"]
+    for override in overrides:
+        args += ["-S", override]
+    out = run(project, args).stdout
+    return re.findall(r"Queued experiment '([\w.-]+)'", out)
+
+
+@pytest.fixture(scope="module")
+def table1_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("settings")
+    mirror = root / "mirror"
+    checksums: dict[str, str] = {}
+    for name in NAMES:
+        checksums.update(write_dataset(name, mirror))
+    project = make_project(root / "project")
+    with serve_folder(mirror) as url:
+        point_conf_at_mirror(project, url, checksums)
+        swept = queue(project, SWEEP, "budget=smoke")
+        assert len(swept) == len(PAPER_SETTINGS)
+        [overridden] = queue(project, *OVERRIDES)
+        names = {*swept, overridden}
+        started = time.monotonic()
+        run(project, ["dvc", "queue", "start", "-j", "1"], env=no_proxy_env())
+        statuses = wait_for_queue(project, names, TIMEOUT_S)
+        elapsed = time.monotonic() - started
+    failed = {n: s for n, s in statuses.items() if n in names and s != "Success"}
+    logs = {n: run(project, ["dvc", "queue", "logs", n], check=False).stdout for n in failed}
+    assert not failed, "\n".join(f"--- {n} {s}\n{logs[n][-4000:]}" for n, s in failed.items())
+    print(f"{len(names)} smoke experiments: {elapsed:.0f} s")
+    shown = experiments_shown(project)
+    return project, {"swept": swept, "overridden": overridden, "shown": shown}
+
+
+def params_of(data: dict[str, Any]) -> dict[str, Any]:
+    return data["params"]["params.yaml"]["data"]
+
+
+def test_each_setting_ran_its_dataset_and_architecture(table1_project) -> None:
+    project, runs = table1_project
+    seen = {}
+    for name in runs["swept"]:
+        data = runs["shown"][name]
+        params = params_of(data)
+        seen[params["setting"]] = (params["dataset"], params["classifier"]["model"])
+        assert params["budget"] == "smoke" and params["classifier"]["epochs"] == 1
+        evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
+        assert {"mcp", "mc_dropout", "trustscore", "confidnet", "confidnet_finetuned"} \
+            <= set(evaluation["methods"])
+        assert evaluation["size"] == (100 if params["dataset"] == "cifar100" else 20)
+        classifier = data["metrics"]["metrics/classifier.json"]["data"]
+        assert classifier["best_epoch"] == 1
+    assert seen == PAPER_SETTINGS
+    # archives were fetched once into the shared cache of the project (DVC_ROOT), not into
+    # the queue's throw-away copies
+    cached = {p.parent.name for p in (project / ".downloads").glob("*/*") if p.is_file()}
+    assert cached == set(NAMES)
+
+
+def test_single_knobs_override_the_preset(table1_project) -> None:
+    _, runs = table1_project
+    data = runs["shown"][runs["overridden"]]
+    params = params_of(data)
+    assert params["setting"] == "cifar100_vgg16"
+    cfg = params["classifier"]
+    assert cfg["epochs"] == 2  # the override
+    assert (cfg["model"], cfg["lr"], cfg["milestones"]) == ("vgg16", 0.1, [90, 135])  # preset
+    assert cfg["augmentation"] == {"hflip": True, "rotate_degrees": 0.0, "crop_padding": 4}
+    assert (params["loss"], params["criterion"], params["confidnet"]["features"]) == (
+        "focal", "tcp_r", "on_the_fly")
+    assert data["metrics"]["metrics/evaluate.json"]["data"]["methods"]["confidnet"]
+
+
+def test_table1_aggregates_every_setting(table1_project) -> None:
+    project, runs = table1_project
+    run(project, ["python", "-m", "pipeline.table1"])
+    text = (project / "reports" / "table1.md").read_text()
+    blocks = json.loads((project / "reports" / "table1.json").read_text())
+    blocks = blocks["blocks"] if isinstance(blocks, dict) else blocks
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for block in blocks:
+        by_setting.setdefault(block["setting"], []).append(block)
+    for setting in PAPER_SETTINGS:
+        assert any(b.get("run", True) for b in by_setting[setting]), setting
+    # the swept experiment's AUPR-Error of MCP is the number in its block
+    name = runs["swept"][0]
+    data = runs["shown"][name]
+    setting = params_of(data)["setting"]
+    ours = data["metrics"]["metrics/evaluate.json"]["data"]["methods"]["mcp"]["aupr_error"]
+    block = next(b for b in by_setting[setting] if name in b["experiments"])
+    assert block["methods"]["mcp"]["aupr_error"]["ours"]["mean"] == pytest.approx(ours)
+    paper = yaml.safe_load((project / "pipeline" / "paper_results.yaml").read_text())
+    expected = paper["table1"][setting]["mcp"]["aupr_error"]
+    assert block["methods"]["mcp"]["aupr_error"]["paper"] == expected
+    assert f"({expected:.2f})" in text
