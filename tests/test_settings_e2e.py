@@ -67,7 +67,9 @@ def table1_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
         [overridden] = queue(project, *OVERRIDES)
         names = {*swept, overridden}
         started = time.monotonic()
-        run(project, ["dvc", "queue", "start", "-j", "1"], env=no_proxy_env())
+        # two at a time: each stage is one single-threaded process (OMP_NUM_THREADS=1), and
+        # two experiments fetching the same archive into the shared cache must not collide
+        run(project, ["dvc", "queue", "start", "-j", "2"], env=no_proxy_env())
         statuses = wait_for_queue(project, names, TIMEOUT_S)
         elapsed = time.monotonic() - started
     failed = {n: s for n, s in statuses.items() if n in names and s != "Success"}
