@@ -154,16 +154,22 @@ def render(groups: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def experiment_groups(all_commits: bool, hint: str) -> list[dict[str, Any]]:
+    """The aggregated groups of this repository's DVC experiments; exits with ``hint``
+    when none has test metrics."""
+    groups = aggregate(parse_exp_show(exp_show(all_commits=all_commits)))
+    if not groups:
+        raise SystemExit(f"error: no experiment with {EVALUATE_METRICS} found; {hint}")
+    return groups
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Mean and std across seeds of DVC experiments")
     parser.add_argument("--out", type=Path, default=Path("reports/seeds.md"))
     parser.add_argument("--all-commits", action="store_true",
                         help="include experiments of every commit, not only HEAD's")
     args = parser.parse_args(argv)
-    groups = aggregate(parse_exp_show(exp_show(all_commits=args.all_commits)))
-    if not groups:
-        raise SystemExit("error: no experiment with metrics/evaluate.json found; run "
-                         "`dvc repro` or `dvc exp run` first")
+    groups = experiment_groups(args.all_commits, "run `dvc repro` or `dvc exp run` first")
     atomic_write_text(args.out, render(groups))
     atomic_write_json(args.out.with_suffix(".json"), groups)
     print(f"wrote {args.out} ({len(groups)} group(s), "

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.aggregate import _differing_params, aggregate, cell, exp_show, parse_exp_show
+from pipeline.aggregate import _differing_params, cell, experiment_groups
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.report import PAPER_RESULTS, TABLE_COLUMNS
 from pipeline.tracking import flatten
@@ -279,10 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--all-commits", action="store_true",
                         help="include experiments of every commit, not only HEAD's")
     args = parser.parse_args(argv)
-    groups = aggregate(parse_exp_show(exp_show(all_commits=args.all_commits)))
-    if not groups:
-        raise SystemExit("error: no experiment with metrics/evaluate.json found; run the "
-                         "experiments first:\n" + REBUILD)
+    groups = experiment_groups(args.all_commits, "run the experiments first:\n" + REBUILD)
     blocks = build_blocks(groups, load_paper_table1())
     atomic_write_text(args.out, render(blocks))
     atomic_write_json(args.out.with_suffix(".json"), to_json(blocks))

@@ -157,6 +157,21 @@ def make_project(dest: Path, params: Mapping[str, Any] | None = None) -> Path:
     return dest
 
 
+def toy_dvc_project(dest: Path, files: Mapping[str, str]) -> Path:
+    """A git + DVC project in ``dest`` holding ``files`` (path -> text), committed: for
+    tests of tools that read `dvc exp show`, with a toy stage instead of the pipeline."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"],
+                    ["git", "config", "commit.gpgsign", "false"], ["dvc", "init", "-q"]):
+        run(dest, command)
+    for name, text in files.items():
+        (dest / name).write_text(text)
+    run(dest, ["git", "add", "-A"])
+    run(dest, ["git", "commit", "-qm", "toy project"])
+    return dest
+
+
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One temporary project for the whole session: the e2e tests share its expensive

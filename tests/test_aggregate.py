@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run, toy_dvc_project
 
 from pipeline.aggregate import ExperimentResult, aggregate, parse_exp_show, render
 
@@ -70,28 +68,12 @@ stages:
 
 @pytest.mark.slow
 def test_aggregates_real_dvc_experiments(tmp_path: Path) -> None:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "true",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done
-
-    run("git", "init", "-q")
-    run("git", "config", "user.email", "t@example.com")
-    run("git", "config", "user.name", "t")
-    run(sys.executable, "-m", "dvc", "init", "-q")
-    (tmp_path / "params.yaml").write_text("seed: 0\nloss: mse\n")
-    (tmp_path / "stage.py").write_text(STAGE)
-    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "init")
+    toy_dvc_project(tmp_path, {"params.yaml": "seed: 0\nloss: mse\n", "stage.py": STAGE,
+                               "dvc.yaml": DVC_YAML})
     for seed in (0, 1, 2):
         for loss in ("mse", "focal"):
-            run(sys.executable, "-m", "dvc", "exp", "run", "-S", f"seed={seed}",
-                "-S", f"loss={loss}")
-    run(sys.executable, "-m", "pipeline.aggregate", "--out", "reports/seeds.md")
+            run(tmp_path, ["dvc", "exp", "run", "-S", f"seed={seed}", "-S", f"loss={loss}"])
+    run(tmp_path, ["python", "-m", "pipeline.aggregate", "--out", "reports/seeds.md"])
     groups = json.loads((tmp_path / "reports" / "seeds.json").read_text())
     by_loss = {g["params"]["loss"]: g for g in groups}
     assert set(by_loss) == {"mse", "focal"}

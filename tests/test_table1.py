@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run
+from conftest import run, toy_dvc_project
 
+import pipeline.aggregate
 from pipeline import table1
 from pipeline.aggregate import ExperimentResult, aggregate, parse_exp_show
 from pipeline.table1 import (
@@ -251,7 +252,7 @@ def test_main_writes_markdown_and_json_from_exp_show(tmp_path: Path,
         calls.append(all_commits)
         return shown
 
-    monkeypatch.setattr(table1, "exp_show", fake_exp_show)
+    monkeypatch.setattr(pipeline.aggregate, "exp_show", fake_exp_show)
     out = tmp_path / "reports" / "table1.md"
     table1.main(["--out", str(out), "--all-commits"])
     assert calls == [True]
@@ -265,7 +266,8 @@ def test_main_writes_markdown_and_json_from_exp_show(tmp_path: Path,
 
 def test_main_without_experiments_says_to_run_them(monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
-    monkeypatch.setattr(table1, "exp_show", lambda all_commits=False: _exp_show([]))
+    monkeypatch.setattr(pipeline.aggregate, "exp_show",
+                        lambda all_commits=False: _exp_show([]))
     with pytest.raises(SystemExit, match="run the experiments first") as raised:
         table1.main(["--out", str(tmp_path / "table1.md")])
     assert table1.REBUILD_COMMANDS[0] in str(raised.value)
@@ -326,16 +328,8 @@ def _wait_for_queue(project: Path, count: int) -> str:
 def test_rebuild_commands_on_a_toy_dvc_project(tmp_path: Path) -> None:
     """The header's rebuild commands, run as written on a toy project whose one stage
     writes metrics/evaluate.json from params.yaml; the table shows what it wrote."""
-    run(tmp_path, ["git", "init", "-q"])
-    run(tmp_path, ["git", "config", "user.email", "t@example.com"])
-    run(tmp_path, ["git", "config", "user.name", "t"])
-    run(tmp_path, ["git", "config", "commit.gpgsign", "false"])
-    run(tmp_path, ["dvc", "init", "-q"])
-    (tmp_path / "params.yaml").write_text("setting: digits_mlp\nseed: 0\n")
-    (tmp_path / "stage.py").write_text(STAGE)
-    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
-    run(tmp_path, ["git", "add", "-A"])
-    run(tmp_path, ["git", "commit", "-qm", "toy"])
+    toy_dvc_project(tmp_path, {"params.yaml": "setting: digits_mlp\nseed: 0\n",
+                               "stage.py": STAGE, "dvc.yaml": DVC_YAML})
 
     queue, start, build = table1.REBUILD_COMMANDS
     run(tmp_path, ["bash", "-c", queue])
