@@ -82,18 +82,22 @@ class AugmentedTargets:
     ConfidNet in both phases: augment the images, run the frozen classifier on them (eval
     mode, no gradient) and take the criterion of its output on what it actually sees.
 
-    Cached features are of unaugmented images; with an inactive augmentation both agree,
-    with an active one this is the only way to train on augmented images."""
+    Returns the augmented images (fine-tuning: the encoder copy reads them) or, with
+    ``features``, the frozen classifier's penultimate features of them (phase 1: the head
+    reads them, one encoder pass per batch). Cached features are of unaugmented images;
+    with an inactive augmentation both agree."""
 
     classifier: Classifier
     augment: Augmentation
     criterion: str
+    features: bool = False
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.classifier.eval()
         augmented = self.augment(images, generator)
-        target, correct = criterion_targets(self.classifier(augmented).float(), labels,
+        features = self.classifier.encode(augmented)
+        target, correct = criterion_targets(self.classifier.classify(features).float(), labels,
                                             self.criterion)
-        return augmented, target, correct
+        return (features.float() if self.features else augmented), target, correct

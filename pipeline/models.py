@@ -313,20 +313,14 @@ class ConfidNetModel(nn.Module):
     encoder plus the ConfidNet head, trained end to end.
 
     The original classifier is not part of this module, so its predictions cannot move.
-    With ``freeze_encoder`` it also serves phase 1 on images. The encoder copy always runs
-    in eval mode: dropout off and batch-norm statistics
+    The encoder copy always runs in eval mode: dropout off and batch-norm statistics
     frozen, as the paper prescribes; gradients still flow through it.
     """
 
-    def __init__(self, classifier: Classifier, head: ConfidNetHead,
-                 freeze_encoder: bool = False) -> None:
+    def __init__(self, classifier: Classifier, head: ConfidNetHead) -> None:
         super().__init__()
         self.encoder = copy.deepcopy(classifier)
         self.head = head
-        # Phase 1 on images (features computed on the fly): the encoder copy is frozen
-        # too, so only the head learns, exactly as on cached features.
-        self.freeze_encoder = freeze_encoder
-        self.encoder.requires_grad_(not freeze_encoder)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ConfidNetModel:
@@ -335,9 +329,7 @@ class ConfidNetModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            features = self.encoder.encode(x)
-        return self.head(features)
+        return self.head(self.encoder.encode(x))
 
 
 def enable_mc_dropout(model: nn.Module) -> None:

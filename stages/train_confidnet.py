@@ -11,19 +11,21 @@ eval mode); epoch kept on validation AUPR-Error.
   frozen classifier computes its features and the target (TCP of its output on the
   augmented image), as the authors' loaders do. Costs a classifier forward per batch; the
   head then sees the same input distribution as during the authors' phase 1 on CIFAR.
+  Validation and test are never augmented, so they read the cached features either way.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from torch import nn
+import torch
 
 from pipeline.artifacts import CLASSIFIER, CONFIDNET, CONFIDNET_SCORES, DATA, METRICS, PLOTS
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
-from pipeline.data import load_dataset
-from pipeline.features import AugmentedTargets, ConfidenceData, confidence_targets, load_features
+from pipeline.data import Split, load_dataset
+from pipeline.features import AugmentedTargets, confidence_targets, load_features
 from pipeline.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -32,7 +34,7 @@ from pipeline.io import (
     history_csv,
 )
 from pipeline.losses import LOSSES
-from pipeline.models import ConfidNetHead, ConfidNetModel, load_classifier
+from pipeline.models import ConfidNetHead, load_classifier
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, confidnet_summary_metrics
 from pipeline.training import Relabel, confidence_scores, fit_confidence, resolve_device
@@ -43,20 +45,15 @@ def loss_kwargs(params: dict[str, Any]) -> dict[str, float]:
     return {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"]}
 
 
-def on_the_fly_model(params: dict[str, Any], head: ConfidNetHead, splits: dict[str, Any],
-                     device: Any) -> tuple[nn.Module, dict[str, ConfidenceData], Relabel | None]:
-    """The head on a frozen copy of the classifier, fed images; targets of augmented
-    training batches recomputed by the classifier."""
+def on_the_fly_targets(params: dict[str, Any], device: torch.device) -> tuple[Split, Relabel]:
+    """The training images, and what turns a batch of them into augmented features and
+    their targets through the frozen classifier."""
     dataset = load_dataset(DATA)
     classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
                                  params["classifier"]).to(device)
-    model = ConfidNetModel(classifier, head, freeze_encoder=True)
-    data = {s: confidence_targets(f, params["criterion"], inputs=dataset[s].x)
-            for s, f in splits.items()}
     augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
-    relabel = AugmentedTargets(classifier, augment, params["criterion"]) \
-        if augment.active else None
-    return model, data, relabel
+    return dataset["train"], AugmentedTargets(classifier, augment, params["criterion"],
+                                              features=True)
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
@@ -65,23 +62,21 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     cfg = params["confidnet"]
     splits = {s: load_features(s) for s in ("train", "val", "test")}
     head = ConfidNetHead(splits["train"].features.shape[1], cfg["width"], cfg["layers"])
-    relabel: Relabel | None = None
-    model: nn.Module = head
+    data = {s: confidence_targets(f, params["criterion"]) for s, f in splits.items()}
+    train, relabel = data["train"], None
     if cfg["features"] == "on_the_fly":
-        model, data, relabel = on_the_fly_model(params, head, splits, device)
-    else:
-        data = {s: confidence_targets(f, params["criterion"]) for s, f in splits.items()}
+        images, relabel = on_the_fly_targets(params, device)
+        train = replace(train, inputs=images.x)
     result = fit_confidence(
-        model, data["train"], data["val"], LOSSES[params["loss"]], loss_kwargs(params),
+        head, train, data["val"], LOSSES[params["loss"]], loss_kwargs(params),
         epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], device=device,
         seed=params["seed"], log=lambda epoch, row: run.log_metrics(row, step=epoch),
         desc="train confidnet", checkpointer=checkpointer, relabel=relabel,
     )
-    model.load_state_dict(result.best_state)
-    atomic_torch_save(CONFIDNET, head.state_dict())
-    scores = {s: confidence_scores(model, data[s].inputs, device) for s in ("val", "test")}
+    head.load_state_dict(result.best_state)
+    atomic_torch_save(CONFIDNET, result.best_state)
+    scores = {s: confidence_scores(head, data[s].inputs, device) for s in ("val", "test")}
     atomic_write_npz(CONFIDNET_SCORES, **scores)
-    train = data["train"]
     summary = {
         "best_epoch": result.best_epoch,
         "val_aupr_error": result.best_value,

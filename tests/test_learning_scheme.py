@@ -5,6 +5,7 @@ augmentation reaches training batches only; the learning-rate schedule."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,32 +81,30 @@ def test_finetuning_leaves_the_classifier_bit_identical() -> None:
         assert torch.equal(encoder_after[key], encoder_before[key]), key
 
 
-def test_phase1_on_the_fly_freezes_the_encoder_and_matches_cached_features() -> None:
-    """Without augmentation, phase 1 on images through the frozen classifier learns the
-    same head as phase 1 on cached features."""
+def test_phase1_on_the_fly_matches_cached_features_and_leaves_the_classifier() -> None:
+    """Without augmentation, phase 1 on features computed per batch by the frozen
+    classifier learns the same head as phase 1 on cached features."""
     classifier = trained_bn_classifier()
+    before = copy.deepcopy(classifier.state_dict())
     train, val = split(48, 3), split(32, 4)
     feats = {name: extract(classifier, data, 256, CPU)
              for name, data in (("train", train), ("val", val))}
-
     torch.manual_seed(5)
     cached_head = ConfidNetHead(classifier.feature_dim, 16, 2)
     fly_head = copy.deepcopy(cached_head)
-    cached = fit(cached_head, confidence_targets(feats["train"], "tcp"),
-                 confidence_targets(feats["val"], "tcp"))
+    validation = confidence_targets(feats["val"], "tcp")
+    cached = fit(cached_head, confidence_targets(feats["train"], "tcp"), validation)
+    inactive = Augmentation(pad_value=(0.0,) * 3)
+    on_the_fly = fit(fly_head, confidence_targets(feats["train"], "tcp", inputs=train.x),
+                     validation, relabel=AugmentedTargets(classifier, inactive, "tcp",
+                                                          features=True))
 
-    model = ConfidNetModel(classifier, fly_head, freeze_encoder=True)
-    encoder_before = copy.deepcopy(model.encoder.state_dict())
-    assert all(not p.requires_grad for p in model.encoder.parameters())
-    on_the_fly = fit(model, confidence_targets(feats["train"], "tcp", inputs=train.x),
-                     confidence_targets(feats["val"], "tcp", inputs=val.x))
-
-    for key, value in model.encoder.state_dict().items():
-        assert torch.equal(value, encoder_before[key]), key
     assert [r["val_aupr_error"] for r in on_the_fly.history] == pytest.approx(
         [r["val_aupr_error"] for r in cached.history], abs=1e-6)
     for key, value in fly_head.state_dict().items():
         torch.testing.assert_close(value, cached_head.state_dict()[key], atol=1e-5, rtol=1e-4)
+    for key, value in classifier.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_augmented_targets_come_from_the_classifier_on_the_augmented_images() -> None:
@@ -117,8 +116,14 @@ def test_augmented_targets_come_from_the_classifier_on_the_augmented_images() ->
     assert torch.equal(images, AUGMENT(data.x, torch.Generator().manual_seed(0)))
     with torch.no_grad():
         probs = torch.softmax(classifier(images).double(), -1)
+        features = classifier.encode(images)
     torch.testing.assert_close(target, probs[torch.arange(16), data.y].float())
     assert torch.equal(correct, (probs.argmax(-1) == data.y).long())
+    # phase 1 on the fly gets the features of the same augmented images
+    as_features = replace(relabel, features=True)
+    feats, target_again, _ = as_features(data.x, data.y, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(feats, features)
+    assert torch.equal(target_again, target)
 
 
 def test_relabel_needs_labels() -> None:
@@ -199,15 +204,20 @@ def test_every_loss_and_criterion_trains_on_every_architecture(
     g = torch.Generator().manual_seed(1)
     data = Split(torch.randn(12, *shape, generator=g), torch.randint(0, 10, (12,), generator=g))
     targets = confidence_targets(extract(classifier, data, 64, CPU), criterion, inputs=data.x)
-    relabel = AugmentedTargets(classifier, Augmentation(hflip=True, crop_padding=2,
-                                                         pad_value=(0.0,) * shape[0]), criterion)
+    augment = Augmentation(hflip=True, crop_padding=2, pad_value=(0.0,) * shape[0])
     head = ConfidNetHead(classifier.feature_dim, 8, 2)
     kwargs = {"focal_alpha": 0.25, "focal_gamma": 5.0} if loss == "focal" else {}
-    for freeze in (True, False):
+    phases = {  # phase 1 on the fly (head on augmented features), then fine-tuning
+        "phase 1": (head, AugmentedTargets(classifier, augment, criterion, features=True)),
+        "fine-tuning": (ConfidNetModel(classifier, head),
+                        AugmentedTargets(classifier, augment, criterion)),
+    }
+    for phase, (model, relabel) in phases.items():
         start = copy.deepcopy(head.state_dict())
-        result = fit_confidence(ConfidNetModel(classifier, head, freeze_encoder=freeze),
-                                targets, targets, LOSSES[loss], kwargs, epochs=1, lr=1e-2,
-                                batch_size=4, device=CPU, seed=0, log=nothing, desc="test",
-                                relabel=relabel)
-        assert np.isfinite(result.history[-1]["train_loss"])
-        assert any(not torch.equal(v, start[k]) for k, v in head.state_dict().items())
+        validation = targets if phase == "fine-tuning" else confidence_targets(
+            extract(classifier, data, 64, CPU), criterion)
+        result = fit_confidence(model, targets, validation, LOSSES[loss], kwargs, epochs=1,
+                                lr=1e-2, batch_size=4, device=CPU, seed=0, log=nothing,
+                                desc="test", relabel=relabel)
+        assert np.isfinite(result.history[-1]["train_loss"]), phase
+        assert any(not torch.equal(v, start[k]) for k, v in head.state_dict().items()), phase
