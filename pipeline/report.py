@@ -51,7 +51,9 @@ def paper_table(setting: str) -> tuple[str, dict[str, Any]] | None:
 def with_interval(value: float, interval: tuple[float, float] | None) -> str:
     if interval is None or any(math.isnan(b) for b in interval):
         return percent(value)
-    return f"{percent(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+    # Same precision as the value: AURC-like metrics are fractions of a percent, where one
+    # decimal would print an interval that seems not to contain its value.
+    return f"{percent(value)} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
 
 
 def results_table(test: Mapping[str, Mapping[str, float]],
