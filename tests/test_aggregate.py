@@ -56,20 +56,11 @@ json.dump({"methods": {"mcp": {"aupr_error": value}}, "errors": 7, "size": 50},
           open("metrics/evaluate.json", "w"))
 """
 
-DVC_YAML = """\
-stages:
-  evaluate:
-    cmd: mkdir -p metrics && python stage.py
-    deps: [stage.py]
-    params: [seed, loss]
-    metrics: [metrics/evaluate.json]
-"""
 
 
 @pytest.mark.slow
 def test_aggregates_real_dvc_experiments(tmp_path: Path) -> None:
-    toy_dvc_project(tmp_path, {"params.yaml": "seed: 0\nloss: mse\n", "stage.py": STAGE,
-                               "dvc.yaml": DVC_YAML})
+    toy_dvc_project(tmp_path, "seed: 0\nloss: mse\n", STAGE, ["seed", "loss"])
     for seed in (0, 1, 2):
         for loss in ("mse", "focal"):
             run(tmp_path, ["dvc", "exp", "run", "-S", f"seed={seed}", "-S", f"loss={loss}"])

@@ -294,14 +294,6 @@ json.dump({{"methods": out, "errors": 100 - p["seed"], "size": 1000}},
           open("metrics/evaluate.json", "w"))
 """
 
-DVC_YAML = """\
-stages:
-  evaluate:
-    cmd: mkdir -p metrics && python stage.py
-    deps: [stage.py]
-    params: [setting, seed]
-    metrics: [metrics/evaluate.json]
-"""
 
 QUEUE_TIMEOUT_S = 300
 
@@ -328,8 +320,7 @@ def _wait_for_queue(project: Path, count: int) -> str:
 def test_rebuild_commands_on_a_toy_dvc_project(tmp_path: Path) -> None:
     """The header's rebuild commands, run as written on a toy project whose one stage
     writes metrics/evaluate.json from params.yaml; the table shows what it wrote."""
-    toy_dvc_project(tmp_path, {"params.yaml": "setting: digits_mlp\nseed: 0\n",
-                               "stage.py": STAGE, "dvc.yaml": DVC_YAML})
+    toy_dvc_project(tmp_path, "setting: digits_mlp\nseed: 0\n", STAGE, ["setting", "seed"])
 
     queue, start, build = table1.REBUILD_COMMANDS
     run(tmp_path, ["bash", "-c", queue])
