@@ -120,8 +120,9 @@ def fraction() -> Spec:
 
 
 # How ConfidNet phase 1 sees the training images: features cached once by extract_features
-# (unaugmented), or recomputed every batch from augmented images by the frozen classifier.
-CONFIDNET_FEATURES = ("cached", "on_the_fly")
+# (unaugmented), or recomputed every batch from augmented images by the frozen classifier,
+# in eval mode or with its dropout active (see stages/train_confidnet.py).
+CONFIDNET_FEATURES = ("cached", "on_the_fly", "on_the_fly_dropout")
 
 SCHEMA: dict[str, Any] = {
     "setting": Spec(str, choices=_preset_names("setting")),

@@ -14,7 +14,7 @@ from pipeline.augment import Augmentation
 from pipeline.data import Split
 from pipeline.io import atomic_write_npz, load_npz
 from pipeline.losses import CRITERIA
-from pipeline.models import Classifier
+from pipeline.models import Classifier, enable_mc_dropout
 from pipeline.training import ConfidenceData, batches
 
 
@@ -91,11 +91,17 @@ class AugmentedTargets:
     augment: Augmentation
     criterion: str
     features: bool = False
+    # Keep the classifier's dropout active (batch-norm stays in eval mode): features and
+    # targets then vary from pass to pass, as in a phase 1 that leaves dropout on.
+    dropout: bool = False
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.classifier.eval()
+        if self.dropout:
+            enable_mc_dropout(self.classifier)
+        else:
+            self.classifier.eval()
         augmented = self.augment(images, generator)
         features = self.classifier.encode(augmented)
         target, correct = criterion_targets(self.classifier.classify(features).float(), labels,

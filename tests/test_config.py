@@ -141,7 +141,8 @@ BAD_ROWS = [
     pytest.param("classifier.augmentation.crop_padding", -4,
                  ["classifier.augmentation.crop_padding = -4", ">= 0"], id="negative-padding"),
     pytest.param("confidnet.features", "fresh", ["confidnet.features = 'fresh'",
-                                                 "valid values: cached, on_the_fly"],
+                                                 "valid values: cached, on_the_fly, "
+                                                 "on_the_fly_dropout"],
                  id="unknown-features-mode"),
 ]
 

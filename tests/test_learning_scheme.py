@@ -126,6 +126,25 @@ def test_augmented_targets_come_from_the_classifier_on_the_augmented_images() ->
     assert torch.equal(target_again, target)
 
 
+def test_dropout_variant_samples_the_classifier_with_bn_frozen() -> None:
+    """``on_the_fly_dropout``: each pass draws other dropout masks (other features and
+    targets), batch-norm keeps its running statistics, and the eval variant is fixed."""
+    classifier = trained_bn_classifier()
+    stats = {k: v.clone() for k, v in classifier.state_dict().items() if "running" in k}
+    data = split(16, 8)
+    inactive = Augmentation(pad_value=(0.0,) * 3)
+    sampled = AugmentedTargets(classifier, inactive, "tcp", features=True, dropout=True)
+    fixed = replace(sampled, dropout=False)
+    g = torch.Generator().manual_seed(0)
+    first, second = sampled(data.x, data.y, g), sampled(data.x, data.y, g)
+    assert not torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
+    assert torch.equal(fixed(data.x, data.y, g)[0], fixed(data.x, data.y, g)[0])
+    torch.testing.assert_close(fixed(data.x, data.y, g)[0], classifier.encode(data.x))
+    for key, value in classifier.state_dict().items():
+        if key in stats:
+            assert torch.equal(value, stats[key]), key
+
+
 def test_relabel_needs_labels() -> None:
     classifier = trained_bn_classifier()
     data = split(8, 7)
