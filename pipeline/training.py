@@ -188,8 +188,8 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
         for name, split in (("train", train), ("val", val)):
             logits = predict(model, split.x, 4096, device)
             row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
-        row["val_loss"] = float(nn.functional.cross_entropy(
-            predict(model, val.x, 4096, device), val.y))
+        # `logits` are the validation ones now: one pass serves accuracy and loss
+        row["val_loss"] = float(nn.functional.cross_entropy(logits, val.y))
         result.record(epoch, row, "val_accuracy", model, log)
         if checkpointer is not None and checkpointer.due():
             checkpointer.save(epoch, _training_state(model, optimiser, generator, result,

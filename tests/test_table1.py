@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run, toy_dvc_project
+from conftest import queue_status, run, toy_dvc_project, wait_for_queue
 
 import pipeline.aggregate
 from pipeline import table1
@@ -303,19 +301,6 @@ def _toy_value(setting: str, method: str, metric: str, seed: int) -> float:
             + 0.02 * seed)
 
 
-def _wait_for_queue(project: Path, count: int) -> str:
-    """`dvc queue status` once ``count`` tasks succeeded and the worker is gone."""
-    deadline = time.monotonic() + QUEUE_TIMEOUT_S
-    while True:
-        out = run(project, ["dvc", "queue", "status"]).stdout
-        if (len(re.findall(r"\bSuccess\b", out)) >= count
-                and "Worker status: 0 active, 0 idle" in out):
-            return out
-        if re.search(r"\b(Failed|Killed)\b", out) or time.monotonic() > deadline:
-            pytest.fail(f"queue did not finish:\n{out}", pytrace=False)
-        time.sleep(2)
-
-
 @pytest.mark.slow
 def test_rebuild_commands_on_a_toy_dvc_project(tmp_path: Path) -> None:
     """The header's rebuild commands, run as written on a toy project whose one stage
@@ -324,8 +309,11 @@ def test_rebuild_commands_on_a_toy_dvc_project(tmp_path: Path) -> None:
 
     queue, start, build = table1.REBUILD_COMMANDS
     run(tmp_path, ["bash", "-c", queue])
+    names = set(queue_status(tmp_path)[0])
+    assert len(names) == len(BASES) * 3
     run(tmp_path, ["bash", "-c", start])
-    _wait_for_queue(tmp_path, count=len(BASES) * 3)
+    statuses = wait_for_queue(tmp_path, names, QUEUE_TIMEOUT_S)
+    assert all(statuses[n] == "Success" for n in names), statuses
     printed = run(tmp_path, ["bash", "-c", build]).stdout
     assert "5 block(s) from 15 experiment(s); 1 paper setting(s) not run" in printed
 
