@@ -119,10 +119,10 @@ def fraction() -> Spec:
     return Spec(float, minimum=0.0, maximum=1.0, min_exclusive=True)
 
 
-# How ConfidNet phase 1 sees the training images: features cached once by extract_features
-# (unaugmented), or recomputed every batch from augmented images by the frozen classifier,
-# in eval mode or with its dropout active (see stages/train_confidnet.py).
-CONFIDNET_FEATURES = ("cached", "on_the_fly", "on_the_fly_dropout")
+# How ConfidNet phase 1 sees the training images: through the frozen classifier with its
+# dropout active, as the authors' learner does; in eval mode, batch by batch; or as features
+# cached once by extract_features (see stages/train_confidnet.py).
+CONFIDNET_FEATURES = ("dropout", "no_dropout", "cached")
 
 SCHEMA: dict[str, Any] = {
     "setting": Spec(str, choices=_preset_names("setting")),
@@ -168,6 +168,7 @@ SCHEMA: dict[str, Any] = {
         "focal_alpha": fraction(),
         "focal_gamma": Spec(float, minimum=0.0),
         "features": Spec(str, choices=lambda: list(CONFIDNET_FEATURES)),
+        "error_weight": positive_float(),
     },
     "finetune": {
         "epochs": non_negative_int(),
@@ -210,10 +211,23 @@ def _check(node: Any, schema: dict[str, Any], prefix: str, problems: list[str]) 
             problems.append(f"{prefix}{key}: missing")
 
 
+def _cross_key_problems(params: dict[str, Any]) -> list[str]:
+    """Problems that involve more than one key (each key on its own is valid)."""
+    from pipeline.losses import ERROR_WEIGHTED_LOSSES
+
+    weight, loss = params["confidnet"]["error_weight"], params["loss"]
+    if weight != 1 and loss not in ERROR_WEIGHTED_LOSSES:
+        return [f"confidnet.error_weight = {weight!r}: only the losses "
+                f"{', '.join(ERROR_WEIGHTED_LOSSES)} weigh errors; loss = {loss!r} needs "
+                "confidnet.error_weight = 1"]
+    return []
+
+
 def validate(params: dict[str, Any]) -> dict[str, Any]:
     """Return ``params`` unchanged if valid, else raise :class:`ParamsError` with every problem."""
     problems: list[str] = []
     _check(params, SCHEMA, "", problems)
+    problems += _cross_key_problems(params) if not problems else []
     if problems:
         raise ParamsError("invalid params.yaml:\n  " + "\n  ".join(problems))
     return params

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.artifacts import features_path
 from pipeline.augment import Augmentation
@@ -74,6 +75,36 @@ def confidence_targets(features: Features, criterion: str,
         inputs=torch.from_numpy(features.features) if inputs is None else inputs,
         target=target, correct=correct, labels=labels,
     )
+
+
+@dataclass(frozen=True)
+class FeatureDropoutTargets:
+    """The authors' phase 1 (classifier dropout active) computed from cached features,
+    for classifiers whose only dropout acts on the penultimate features (the MLP):
+    ``encode`` in train mode is ``feature_dropout(f)`` of the eval-mode features ``f``, so
+    the perturbed features and their TCP target are one mask and the last layer away, with
+    no encoder pass. Draws the masks from torch's global generator as ``nn.Dropout`` does,
+    so the same seed gives the same masks, features and targets as the full forward
+    (:class:`AugmentedTargets` with ``dropout`` and no augmentation)."""
+
+    classifier: Classifier
+    criterion: str
+
+    def __post_init__(self) -> None:
+        if not self.classifier.dropout_only_on_features:
+            raise ValueError(f"{type(self.classifier).__name__} has dropout inside its "
+                             "encoder; perturbed features need a full forward pass "
+                             "(AugmentedTargets with dropout=True)")
+
+    @torch.no_grad()
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dropout = self.classifier.feature_dropout
+        assert dropout is not None  # checked in __post_init__
+        perturbed = nn.functional.dropout(features, dropout.p, training=True)
+        target, correct = criterion_targets(self.classifier.classify(perturbed).float(), labels,
+                                            self.criterion)
+        return perturbed, target, correct
 
 
 @dataclass(frozen=True)

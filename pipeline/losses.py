@@ -16,6 +16,12 @@ criterion target and the 0/1 correctness of the frozen classifier's prediction:
               AP loss instead, which needs a compiled solver (see the shared notes).
 
 ``bce`` and ``focal`` read correctness only; ``mse`` and ``ranking`` read the criterion.
+
+``mse`` and ``bce`` take ``error_weight`` (``confidnet.error_weight``, 1 = none): the loss
+of each sample the classifier gets wrong is multiplied by it, as the ``weighting`` option
+of the authors' losses does. It counters how few errors a well-trained classifier makes
+on its own training set. Focal loss has its own class weight (``focal_alpha``); the
+ranking loss weighs pairs, not samples.
 """
 
 from __future__ import annotations
@@ -47,17 +53,29 @@ LossFn = Callable[..., torch.Tensor]
 LOSSES: Registry[LossFn] = Registry("loss")
 
 
+ERROR_WEIGHTED_LOSSES = ("mse", "bce")
+
+
+def _error_weights(correct: torch.Tensor, error_weight: float) -> torch.Tensor:
+    """``error_weight`` for the classifier's errors, 1 for its correct predictions."""
+    return torch.where(correct.bool(), 1.0, error_weight)
+
+
 @LOSSES.register("mse")
 def mse_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
-             **_: float) -> torch.Tensor:
-    """Paper eq. (4)."""
-    return F.mse_loss(torch.sigmoid(logit), target)
+             error_weight: float = 1.0, **_: float) -> torch.Tensor:
+    """Paper eq. (4); errors' terms multiplied by ``error_weight``."""
+    if error_weight == 1.0:
+        return F.mse_loss(torch.sigmoid(logit), target)
+    squared = (torch.sigmoid(logit) - target) ** 2
+    return (_error_weights(correct, error_weight) * squared).mean()
 
 
 @LOSSES.register("bce")
 def bce_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
-             **_: float) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logit, correct.float())
+             error_weight: float = 1.0, **_: float) -> torch.Tensor:
+    weight = None if error_weight == 1.0 else _error_weights(correct, error_weight)
+    return F.binary_cross_entropy_with_logits(logit, correct.float(), weight=weight)
 
 
 @LOSSES.register("focal")

@@ -34,6 +34,20 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.encode(x))
 
+    @property
+    def feature_dropout(self) -> nn.Dropout | None:
+        """The dropout that ``encode`` applies last, to the penultimate features."""
+        return None
+
+    @property
+    def dropout_only_on_features(self) -> bool:
+        """Whether :attr:`feature_dropout` is the classifier's only dropout. Then a
+        dropout-perturbed forward pass (MC Dropout, the authors' phase 1) is exactly
+        ``classify(feature_dropout(f))`` of the eval-mode features ``f``: no encoder pass."""
+        last = self.feature_dropout
+        return last is not None and all(
+            m is last for m in self.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
+
 
 ClassifierBuilder = Callable[[tuple[int, ...], int, dict[str, Any]], Classifier]
 MODELS: Registry[ClassifierBuilder] = Registry("model")
@@ -56,6 +70,10 @@ class MLP(Classifier):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(torch.relu(self.fc1(x.flatten(1))))
+
+    @property
+    def feature_dropout(self) -> nn.Dropout:
+        return self.dropout
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc2(features)
@@ -131,6 +149,10 @@ class ConvClassifier(Classifier):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.features(x))
+
+    @property
+    def feature_dropout(self) -> nn.Dropout:
+        return self.embedding.dropout
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc_out(features)

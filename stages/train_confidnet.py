@@ -4,23 +4,27 @@ eval mode); epoch kept on validation AUPR-Error.
 
 ``confidnet.features`` chooses what the head trains on:
 
-- ``cached`` (default): the features ``extract_features`` computed once, of unaugmented
-  images. Exact when the setting has no augmentation (MNIST, SVHN): phase 1 freezes the
-  classifier, so features of the same inputs never change. Fast: no image passes.
-- ``on_the_fly``: every training batch is augmented as the classifier's training was, the
-  frozen classifier computes its features and the target (TCP of its output on the
-  augmented image), as the authors' loaders do. Costs a classifier forward per batch; the
-  head then sees the same input distribution as during the authors' phase 1 on CIFAR.
-  Validation and test are never augmented, so they read the cached features either way.
-- ``on_the_fly_dropout``: as ``on_the_fly``, with the frozen classifier's dropout active
-  (batch-norm still in eval mode), so each pass gives other features and another TCP
-  target. The shared notes say "BN in eval mode" for phase 1 and "dropout off" only for
-  fine-tuning; the authors' phase 1 may have kept dropout on. On real MNIST it reduces the
-  head's memorisation of the few training errors (``reports/README.md``).
+- ``dropout`` (the paper presets' default): the authors' phase 1. Their learner puts the
+  whole classifier in train mode and only batch-norm back in eval mode, so the frozen
+  classifier's dropout stays active: every training batch (augmented as the classifier's
+  training was) gives dropout-perturbed features, and the TCP target of the prediction made
+  from those same features. Where the classifier's only dropout acts on the penultimate
+  features (the MLP) and there is no augmentation, this is computed exactly from the cached
+  features and the last layer (:class:`~pipeline.features.FeatureDropoutTargets`, no
+  encoder pass); otherwise one frozen forward pass per batch.
+- ``no_dropout``: every training batch augmented and passed through the frozen classifier
+  in eval mode (deterministic features and targets of the augmented images).
+- ``cached``: the features ``extract_features`` computed once, in eval mode, of unaugmented
+  images. The fastest approximation; equal to ``no_dropout`` when the setting has no
+  augmentation. On real MNIST it lets the head memorise the few training errors
+  (``reports/README.md``).
+
+Validation and test are never augmented nor perturbed: they read the cached features.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -29,8 +33,13 @@ import torch
 from pipeline.artifacts import CLASSIFIER, CONFIDNET, CONFIDNET_SCORES, DATA, METRICS, PLOTS
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
-from pipeline.data import Split, load_dataset
-from pipeline.features import AugmentedTargets, confidence_targets, load_features
+from pipeline.data import load_dataset
+from pipeline.features import (
+    AugmentedTargets,
+    FeatureDropoutTargets,
+    confidence_targets,
+    load_features,
+)
 from pipeline.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -47,19 +56,27 @@ from pipeline.training import Relabel, confidence_scores, fit_confidence, resolv
 
 def loss_kwargs(params: dict[str, Any]) -> dict[str, float]:
     cfg = params["confidnet"]
-    return {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"]}
+    return {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"],
+            "error_weight": cfg["error_weight"]}
 
 
-def on_the_fly_targets(params: dict[str, Any], device: torch.device,
-                       dropout: bool) -> tuple[Split, Relabel]:
-    """The training images, and what turns a batch of them into augmented features and
-    their targets through the frozen classifier (with its dropout active if ``dropout``)."""
+def per_batch_targets(params: dict[str, Any], device: torch.device,
+                      cached: torch.Tensor) -> tuple[torch.Tensor, Relabel]:
+    """The training inputs of phase 1 and what turns a batch of them into the head's
+    inputs and targets, for ``confidnet.features`` ``dropout`` or ``no_dropout``:
+    the cached features themselves where that is exact (see the module docstring), else
+    the training images, run through the frozen classifier batch by batch."""
     dataset = load_dataset(DATA)
     classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
                                  params["classifier"]).to(device)
     augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
-    return dataset["train"], AugmentedTargets(classifier, augment, params["criterion"],
-                                              features=True, dropout=dropout)
+    dropout = params["confidnet"]["features"] == "dropout"
+    if dropout and not augment.active and classifier.dropout_only_on_features:
+        print(f"phase 1: dropout applied to the cached features (exact for "
+              f"{type(classifier).__name__}: no encoder pass)", file=sys.stderr, flush=True)
+        return cached, FeatureDropoutTargets(classifier, params["criterion"])
+    return dataset["train"].x, AugmentedTargets(classifier, augment, params["criterion"],
+                                                features=True, dropout=dropout)
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
@@ -71,9 +88,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     data = {s: confidence_targets(f, params["criterion"]) for s, f in splits.items()}
     train, relabel = data["train"], None
     if cfg["features"] != "cached":
-        images, relabel = on_the_fly_targets(params, device,
-                                             dropout=cfg["features"] == "on_the_fly_dropout")
-        train = replace(train, inputs=images.x)
+        inputs, relabel = per_batch_targets(params, device, train.inputs)
+        train = replace(train, inputs=inputs)
     result = fit_confidence(
         head, train, data["val"], LOSSES[params["loss"]], loss_kwargs(params),
         epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], device=device,

@@ -141,10 +141,21 @@ BAD_ROWS = [
     pytest.param("classifier.augmentation.crop_padding", -4,
                  ["classifier.augmentation.crop_padding = -4", ">= 0"], id="negative-padding"),
     pytest.param("confidnet.features", "fresh", ["confidnet.features = 'fresh'",
-                                                 "valid values: cached, on_the_fly, "
-                                                 "on_the_fly_dropout"],
+                                                 "valid values: dropout, no_dropout, "
+                                                 "cached"],
                  id="unknown-features-mode"),
+    pytest.param("confidnet.error_weight", 0.0, ["confidnet.error_weight = 0.0", "> 0.0"],
+                 id="zero-error-weight"),
 ]
+
+
+def test_error_weight_needs_a_loss_that_weighs_errors(base_params) -> None:
+    params = with_value(with_value(base_params, "loss", "focal"), "confidnet.error_weight", 4.0)
+    with pytest.raises(ParamsError) as info:
+        validate(params)
+    assert "confidnet.error_weight = 4.0" in str(info.value)
+    assert "mse, bce" in str(info.value) and "loss = 'focal'" in str(info.value)
+    validate(with_value(params, "loss", "bce"))
 
 
 @pytest.mark.parametrize(("path", "value", "expected"), BAD_ROWS)

@@ -13,7 +13,12 @@ import torch
 
 from pipeline.augment import Augmentation
 from pipeline.data import Split
-from pipeline.features import AugmentedTargets, confidence_targets, extract
+from pipeline.features import (
+    AugmentedTargets,
+    FeatureDropoutTargets,
+    confidence_targets,
+    extract,
+)
 from pipeline.losses import LOSSES
 from pipeline.models import Classifier, ConfidNetHead, ConfidNetModel, build_classifier
 from pipeline.training import ConfidenceData, FitResult, fit_confidence, train_classifier
@@ -127,7 +132,7 @@ def test_augmented_targets_come_from_the_classifier_on_the_augmented_images() ->
 
 
 def test_dropout_variant_samples_the_classifier_with_bn_frozen() -> None:
-    """``on_the_fly_dropout``: each pass draws other dropout masks (other features and
+    """``dropout``: each pass draws other dropout masks (other features and
     targets), batch-norm keeps its running statistics, and the eval variant is fixed."""
     classifier = trained_bn_classifier()
     stats = {k: v.clone() for k, v in classifier.state_dict().items() if "running" in k}
@@ -143,6 +148,46 @@ def test_dropout_variant_samples_the_classifier_with_bn_frozen() -> None:
     for key, value in classifier.state_dict().items():
         if key in stats:
             assert torch.equal(value, stats[key]), key
+
+
+@pytest.mark.parametrize("criterion", ["tcp", "tcp_r"])
+def test_dropout_on_cached_features_equals_the_full_forward(criterion: str) -> None:
+    """The MLP's only dropout acts on its penultimate features, so the authors' phase 1
+    (dropout active) computed from the cached eval-mode features and the last layer gives,
+    with the same masks, the features and targets of the full forward pass."""
+    torch.manual_seed(0)
+    mlp = build_classifier((1, 8, 8), 10, {"model": "mlp", "hidden": 64, "dropout": 0.3})
+    with torch.no_grad():
+        mlp.fc2.weight.mul_(8.0)  # confident and often wrong: targets spread over [0, 1]
+    data = Split(torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,)))
+    cached = torch.from_numpy(extract(mlp, data, 256, CPU).features)
+    full = AugmentedTargets(mlp, Augmentation(pad_value=(0.0,)), criterion, features=True,
+                            dropout=True)
+    cheap = FeatureDropoutTargets(mlp, criterion)
+    g = torch.Generator()
+    torch.manual_seed(5)
+    expected = full(data.x, data.y, g)
+    torch.manual_seed(5)
+    got = cheap(cached, data.y, g)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    assert torch.equal(got[2], expected[2])
+    assert 0 < int(got[2].sum()) < 256  # the comparison covers errors and correct ones
+    eval_target = confidence_targets(extract(mlp, data, 256, CPU), criterion).target
+    assert not torch.allclose(got[1], eval_target)  # the masks do change the targets
+    torch.manual_seed(6)
+    assert not torch.equal(cheap(cached, data.y, g)[0], got[0])  # other masks each batch
+
+
+@pytest.mark.parametrize(("model", "exact"), [("mlp", True), ("smallconv_mnist", False),
+                                              ("smallconv_svhn", False), ("vgg16", False)])
+def test_only_the_mlp_has_dropout_on_its_features_alone(model: str, exact: bool) -> None:
+    shape = (1, 28, 28) if model in ("mlp", "smallconv_mnist") else SHAPE
+    classifier = build_classifier(shape, 10, {"model": model, "hidden": 16, "dropout": 0.3})
+    assert classifier.dropout_only_on_features is exact
+    if not exact:
+        with pytest.raises(ValueError, match="dropout inside its encoder"):
+            FeatureDropoutTargets(classifier, "tcp")
 
 
 def test_relabel_needs_labels() -> None:

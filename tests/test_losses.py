@@ -329,3 +329,22 @@ def test_functional_reference_sanity() -> None:
         _direct("bce", logit, target, correct),
         F.binary_cross_entropy_with_logits(logit, correct.double()),
     )
+
+
+@pytest.mark.parametrize("name", ["mse", "bce"])
+def test_error_weight_multiplies_the_errors_terms(name: str) -> None:
+    """``error_weight`` w: the loss is the mean of per-sample terms, each error's times w
+    (the authors' ``weighting``); w = 1 is the unweighted loss."""
+    logit = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    target = torch.tensor([0.9, 0.2, 0.7, 0.1])
+    correct = torch.tensor([1, 0, 1, 0])
+    c = torch.sigmoid(logit)
+    y = correct.float()
+    terms = {"mse": (c - target) ** 2,
+             "bce": -(y * torch.log(c) + (1 - y) * torch.log(1 - c))}[name]
+    weights = torch.tensor([1.0, 3.0, 1.0, 3.0])
+    got = LOSSES[name](logit, target, correct, error_weight=3.0)
+    torch.testing.assert_close(got, (weights * terms).mean())
+    torch.testing.assert_close(LOSSES[name](logit, target, correct, error_weight=1.0),
+                               terms.mean())
+    assert got > LOSSES[name](logit, target, correct)
