@@ -37,6 +37,8 @@ class ExperimentResult:
     name: str
     params: dict[str, Any]
     test: dict[str, Any]  # the content of metrics/evaluate.json
+    rev: str = ""  # the experiment's (or commit's) git revision: its outputs in DVC's cache
+    baseline: str = ""  # the commit the experiment ran on
 
 
 def exp_show(all_commits: bool = False) -> list[dict[str, Any]]:
@@ -52,25 +54,27 @@ def exp_show(all_commits: bool = False) -> list[dict[str, Any]]:
     return json.loads(shown.stdout)
 
 
-def _revisions(exp_show: Sequence[Mapping[str, Any]]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+def _revisions(exp_show: Sequence[Mapping[str, Any]],
+               ) -> Iterator[tuple[str, Mapping[str, Any], str, str]]:
+    """``(name, data, rev, baseline commit)`` of every commit and experiment shown."""
     for entry in exp_show:
         if entry.get("data"):
-            yield entry.get("name") or entry["rev"], entry["data"]
+            yield entry.get("name") or entry["rev"], entry["data"], entry["rev"], entry["rev"]
         for experiment in entry.get("experiments") or []:
             for rev in experiment.get("revs") or []:
                 if rev.get("data"):
-                    yield rev.get("name") or rev["rev"], rev["data"]
+                    yield rev.get("name") or rev["rev"], rev["data"], rev["rev"], entry["rev"]
 
 
 def parse_exp_show(exp_show: Sequence[Mapping[str, Any]]) -> list[ExperimentResult]:
     """Results of every revision in ``dvc exp show --json`` output that has test metrics.
     The workspace is skipped when an experiment has the same params (it is that run)."""
     results = []
-    for name, data in _revisions(exp_show):
+    for name, data, rev, baseline in _revisions(exp_show):
         metrics = (data.get("metrics") or {}).get(EVALUATE_METRICS, {}).get("data")
         params = (data.get("params") or {}).get("params.yaml", {}).get("data")
         if metrics and params:
-            results.append(ExperimentResult(name, params, metrics))
+            results.append(ExperimentResult(name, params, metrics, rev, baseline))
     others = [json.dumps(r.params, sort_keys=True) for r in results if r.name != "workspace"]
     return [r for r in results
             if r.name != "workspace" or json.dumps(r.params, sort_keys=True) not in others]

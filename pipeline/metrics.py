@@ -38,8 +38,9 @@ Empty input, length mismatch, non-binary ``correct`` and NaN/inf confidences rai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -256,3 +257,56 @@ def paired_bootstrap(
         confidence_b, correct)[metric]
     low, high = percentile_interval(draws["a"][:, j] - draws["b"][:, j])
     return float(observed), low, high
+
+
+def seed_paired_bootstrap(
+    confidence_a: Sequence[np.ndarray],
+    confidence_b: Sequence[np.ndarray],
+    correct: Sequence[np.ndarray],
+    metrics: Sequence[str],
+    resamples: int,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of ``metric(a) - metric(b)`` over several runs (seeds) at once.
+
+    Run ``i`` contributes ``confidence_a[i]``, ``confidence_b[i]`` and ``correct[i]``
+    (its own classifier's test predictions). Each resample redraws every run's test
+    samples with replacement *within that run*, scores both methods on the same draw, and
+    averages the per-run differences, so the statistic is the mean over seeds of the
+    difference, and the interval carries both the test-set noise of every seed and the
+    pairing of the two methods. Returns ``{metric: {"mean_diff", "ci": [low, high],
+    "per_seed": [...]}}``; resamples where a metric is undefined (no error drawn) are
+    dropped. With one run, the draws are those of :func:`paired_bootstrap`.
+    """
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; valid: {', '.join(METRIC_NAMES)}")
+    if not (len(confidence_a) == len(confidence_b) == len(correct)) or not correct:
+        raise ValueError("need the same number (>= 1) of runs for a, b and correct, got "
+                         f"{len(confidence_a)}, {len(confidence_b)}, {len(correct)}")
+    columns = [METRIC_NAMES.index(m) for m in metrics]
+    diffs = np.zeros((resamples, len(metrics)))
+    per_seed = []
+    rng = np.random.default_rng(seed)
+    runs = []
+    for a, b, c in zip(confidence_a, confidence_b, correct, strict=True):
+        a, c = check_inputs(a, c)
+        b, _ = check_inputs(b, c)
+        runs.append((a, b, c))
+        observed_a, observed_b = failure_metrics(a, c), failure_metrics(b, c)
+        per_seed.append([observed_a[m] - observed_b[m] for m in metrics])
+    for i in range(resamples):
+        for a, b, c in runs:
+            idx = rng.integers(0, c.size, c.size)
+            values_a = _metrics_from_groups(_TieGroups.of(a[idx], c[idx]))
+            values_b = _metrics_from_groups(_TieGroups.of(b[idx], c[idx]))
+            diffs[i] += [values_a[METRIC_NAMES[j]] - values_b[METRIC_NAMES[j]]
+                         for j in columns]
+    diffs /= len(runs)
+    observed = np.mean(per_seed, axis=0)
+    out: dict[str, dict[str, Any]] = {}
+    for k, metric in enumerate(metrics):
+        low, high = percentile_interval(diffs[:, k])
+        out[metric] = {"mean_diff": float(observed[k]), "ci": [low, high],
+                       "per_seed": [float(row[k]) for row in per_seed]}
+    return out

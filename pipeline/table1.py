@@ -278,8 +278,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="markdown output; the JSON goes beside it (.json)")
     parser.add_argument("--all-commits", action="store_true",
                         help="include experiments of every commit, not only HEAD's")
+    parser.add_argument("--measured", type=Path, metavar="DIR",
+                        help="build from the committed measured rows in DIR "
+                             "(reports/measured, see pipeline.measured) instead of this "
+                             "repository's DVC experiments")
     args = parser.parse_args(argv)
-    groups = experiment_groups(args.all_commits, "run the experiments first:\n" + REBUILD)
+    if args.measured is not None:
+        from pipeline.measured import load_measured
+
+        groups = load_measured(args.measured)
+        if not groups:
+            raise SystemExit(f"error: no measured row (*.json) in {args.measured}")
+    else:
+        groups = experiment_groups(args.all_commits, "run the experiments first:\n" + REBUILD)
     blocks = build_blocks(groups, load_paper_table1())
     atomic_write_text(args.out, render(blocks))
     atomic_write_json(args.out.with_suffix(".json"), to_json(blocks))

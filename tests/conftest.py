@@ -157,13 +157,18 @@ def make_project(dest: Path, params: Mapping[str, Any] | None = None) -> Path:
     return dest
 
 
-def toy_dvc_project(dest: Path, params: str, stage: str, stage_params: Sequence[str]) -> Path:
+def toy_dvc_project(dest: Path, params: str, stage: str, stage_params: Sequence[str],
+                    outs: Sequence[str] = ()) -> Path:
     """A committed git + DVC project in ``dest`` whose one stage, ``evaluate``, runs the
-    Python ``stage`` (which writes metrics/evaluate.json from params.yaml) and declares
-    ``stage_params``: for tests of tools that read `dvc exp show`."""
-    dvc_yaml = yaml.safe_dump({"stages": {"evaluate": {
+    Python ``stage`` (which writes metrics/evaluate.json from params.yaml, and ``outs``,
+    cached by DVC) and declares ``stage_params``: for tests of tools that read `dvc exp
+    show` and experiments' outputs."""
+    evaluate: dict[str, Any] = {
         "cmd": "mkdir -p metrics && python stage.py", "deps": ["stage.py"],
-        "params": list(stage_params), "metrics": ["metrics/evaluate.json"]}}})
+        "params": list(stage_params), "metrics": ["metrics/evaluate.json"]}
+    if outs:
+        evaluate["outs"] = list(outs)
+    dvc_yaml = yaml.safe_dump({"stages": {"evaluate": evaluate}})
     files = {"params.yaml": params, "stage.py": stage, "dvc.yaml": dvc_yaml}
     dest.mkdir(parents=True, exist_ok=True)
     for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],

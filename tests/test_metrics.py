@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline import metrics as M
+from pipeline.metrics import failure_metrics, paired_bootstrap, seed_paired_bootstrap
 
 FAST = settings(max_examples=60, deadline=None, database=None)
 
@@ -559,3 +560,52 @@ def test_bootstrap_intervals_all_correct_gives_nan_bounds_for_undefined_metrics(
     intervals = M.bootstrap_intervals(confidence, np.ones(50, dtype=int), 50, seed=0)
     assert all(math.isnan(v) for v in intervals["auroc"])
     assert intervals["aurc"] == (0.0, 0.0)
+
+
+def _run(n: int, seed: int, shift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Correctness and two scores: ``a`` separates errors better than ``b`` by ``shift``."""
+    rng = np.random.default_rng(seed)
+    correct = (rng.random(n) < 0.8).astype(int)
+    noise = rng.normal(size=n)
+    return noise + (1 + shift) * correct, rng.normal(size=n) + correct, correct
+
+
+def test_seed_paired_bootstrap_with_one_run_is_the_paired_bootstrap() -> None:
+    a, b, correct = _run(300, 0, 0.5)
+    pooled = seed_paired_bootstrap([a], [b], [correct], ["aupr_error", "auroc"], 200, 7)
+    for metric in ("aupr_error", "auroc"):
+        observed, low, high = paired_bootstrap(a, b, correct, metric, 200, 7)
+        assert pooled[metric]["mean_diff"] == pytest.approx(observed)
+        assert pooled[metric]["ci"] == pytest.approx([low, high])
+        assert pooled[metric]["per_seed"] == pytest.approx([observed])
+
+
+def test_seed_paired_bootstrap_averages_seeds_and_resamples_within_each() -> None:
+    runs = [_run(400, s, 1.0) for s in range(3)]
+    out = seed_paired_bootstrap([r[0] for r in runs], [r[1] for r in runs],
+                                [r[2] for r in runs], ["aupr_error"], 300, 0)["aupr_error"]
+    per_seed = [failure_metrics(a, c)["aupr_error"] - failure_metrics(b, c)["aupr_error"]
+                for a, b, c in runs]
+    assert out["per_seed"] == pytest.approx(per_seed)
+    assert out["mean_diff"] == pytest.approx(np.mean(per_seed))
+    low, high = out["ci"]
+    assert low < out["mean_diff"] < high
+    assert low > 0  # a real, large advantage is detected
+    # three seeds pooled give a narrower interval than one seed alone
+    one = seed_paired_bootstrap([runs[0][0]], [runs[0][1]], [runs[0][2]], ["aupr_error"],
+                                300, 0)["aupr_error"]["ci"]
+    assert high - low < one[1] - one[0]
+
+
+def test_seed_paired_bootstrap_of_a_method_against_itself_is_zero() -> None:
+    a, _, correct = _run(200, 3, 0.0)
+    out = seed_paired_bootstrap([a, a], [a, a], [correct, correct], ["aupr_error"], 100, 0)
+    assert out["aupr_error"]["mean_diff"] == 0.0 and out["aupr_error"]["ci"] == [0.0, 0.0]
+
+
+def test_seed_paired_bootstrap_rejects_mismatched_runs() -> None:
+    a, b, correct = _run(50, 0, 0.0)
+    with pytest.raises(ValueError, match="same number"):
+        seed_paired_bootstrap([a, a], [b], [correct, correct], ["auroc"], 10, 0)
+    with pytest.raises(ValueError, match="unknown metric 'aupr'"):
+        seed_paired_bootstrap([a], [b], [correct], ["aupr"], 10, 0)

@@ -1,0 +1,273 @@
+r"""A measured Table 1 row: one setting's full-recipe DVC experiments over several seeds,
+aggregated into data that is committed (``reports/measured/<setting>.json`` and ``.md``).
+
+Run the setting over seeds as DVC experiments, then aggregate them::
+
+    dvc exp run --queue -S setting=mnist_mlp -S 'seed=0,1,2'
+    dvc queue start -j 1        # wait for `dvc queue status` to show them done
+    python -m pipeline.measured mnist_mlp
+
+It reads each experiment's test metrics (``metrics/evaluate.json``) through ``dvc exp
+show``, and its test scores and classifier predictions from the DVC cache (``dvc.api``),
+then writes, per method and metric, the mean, sample standard deviation and per-seed
+values, and a paired bootstrap of ConfidNet against each baseline pooled over the seeds
+(:func:`pipeline.metrics.seed_paired_bootstrap`: every seed's test set is resampled
+within that seed, and the statistic is the mean over seeds of the per-seed difference).
+``python -m pipeline.table1 --measured reports/measured`` builds Table 1 from these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.aggregate import ExperimentResult, aggregate, exp_show, parse_exp_show
+from pipeline.artifacts import (
+    BASELINE_SCORES,
+    CONFIDNET_SCORES,
+    FINETUNED_SCORES,
+    REPORTS,
+    features_path,
+)
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.metrics import seed_paired_bootstrap
+
+MEASURED = REPORTS / "measured"
+CHALLENGERS = ("confidnet_finetuned", "confidnet")
+BASELINES = ("mcp", "mc_dropout", "trustscore")
+PAIRED_METRICS = ("aupr_error", "auroc", "fpr_at_95tpr", "aurc")
+LOWER_IS_BETTER = {"fpr_at_95tpr", "aurc"}
+PAPER_METRICS = (("fpr_at_95tpr", "FPR-95%-TPR"), ("aupr_error", "AUPR-Error"),
+                 ("aupr_success", "AUPR-Success"), ("auroc", "AUROC"))
+ROWS = (("mcp", "MCP"), ("mc_dropout", "MC Dropout"), ("trustscore", "TrustScore"),
+        ("confidnet_finetuned", "ConfidNet"), ("confidnet", "ConfidNet, phase 1"))
+PAPER_KEY = {"confidnet_finetuned": "confidnet"}
+
+
+def score_path(method: str) -> Path:
+    """Where the evaluate stage reads ``method``'s scores (see ``stages/evaluate.py``)."""
+    if method == "confidnet":
+        return CONFIDNET_SCORES
+    if method == "confidnet_finetuned":
+        return FINETUNED_SCORES
+    return BASELINE_SCORES / f"{method}.npz"
+
+
+def read_npz(path: Path, rev: str, repo: str = ".") -> dict[str, np.ndarray]:
+    """A DVC-tracked ``.npz`` as it is in experiment or commit ``rev`` (from the cache)."""
+    import dvc.api
+
+    with dvc.api.open(str(path), repo=repo, rev=rev, mode="rb") as handle:
+        raw = handle.read()
+    with np.load(io.BytesIO(raw)) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
+def test_predictions(result: ExperimentResult, methods: Sequence[str],
+                     repo: str = ".") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each method's test scores and the classifier's test correctness of one experiment."""
+    test = read_npz(features_path("test"), result.rev, repo)
+    correct = (test["logits"].argmax(axis=1) == test["labels"]).astype(np.int64)
+    scores = {m: read_npz(score_path(m), result.rev, repo)["test"] for m in methods}
+    return scores, correct
+
+
+def wall_times(names: Sequence[str]) -> dict[str, float | None]:
+    """Seconds from the first stage's start to the last stage's end of each experiment,
+    from the MLflow runs its stages logged (tag ``dvc_exp_name``); None when not found."""
+    from pipeline.config import project_root
+    from pipeline.tracking import tracking_uri, uses_default_store
+
+    uri = tracking_uri()
+    if uses_default_store(uri) and not (project_root() / "mlflow.db").exists():
+        return dict.fromkeys(names)  # nothing was tracked here; do not create a store
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        out: dict[str, float | None] = {}
+        for name in names:
+            runs = client.search_runs(experiments, f"tags.dvc_exp_name = '{name}'",
+                                      max_results=100)
+            ends = [r.info.end_time for r in runs if r.info.end_time]
+            out[name] = ((max(ends) - min(r.info.start_time for r in runs)) / 1000
+                         if runs and ends else None)
+        return out
+    except Exception:  # a missing or unreadable store only loses the timing
+        return dict.fromkeys(names)
+
+
+def select(results: Sequence[ExperimentResult], setting: str,
+           names: Sequence[str] | None) -> list[ExperimentResult]:
+    """The experiments of ``setting`` at the full budget (or exactly ``names``), which
+    must share every param but ``seed``."""
+    if names:
+        chosen = [r for r in results if r.name in names]
+        missing = sorted(set(names) - {r.name for r in chosen})
+        if missing:
+            raise SystemExit(f"error: no finished experiment named {', '.join(missing)}")
+    else:
+        chosen = [r for r in results if r.params.get("setting") == setting
+                  and r.params.get("budget") == "full" and r.name != "workspace"]
+    groups = aggregate(chosen)
+    if not chosen:
+        raise SystemExit(f"error: no finished experiment with setting={setting} and "
+                         "budget=full; run them first (see `python -m pipeline.measured -h`)")
+    if len(groups) > 1:
+        raise SystemExit(f"error: the experiments of {setting} differ in more than the seed; "
+                         "name the ones to aggregate with --experiments")
+    return sorted(chosen, key=lambda r: r.params["seed"])
+
+
+def measure(results: Sequence[ExperimentResult], resamples: int, seed: int = 0,
+            repo: str = ".") -> dict[str, Any]:
+    """The measured row of ``results`` (one setting, several seeds): see the module doc."""
+    group = aggregate(results)[0]
+    methods = [m for m in (*BASELINES, *CHALLENGERS) if m in group["methods"]]
+    predictions = [test_predictions(r, methods, repo) for r in results]
+    summary = {}
+    for method in methods:
+        summary[method] = {
+            metric: {**stats, "per_seed": [r.test["methods"][method].get(metric)
+                                           for r in results]}
+            for metric, stats in group["methods"][method].items()}
+    paired = {}
+    for challenger in CHALLENGERS:
+        for baseline in BASELINES:
+            if challenger in methods and baseline in methods:
+                paired[f"{challenger}-{baseline}"] = seed_paired_bootstrap(
+                    [p[0][challenger] for p in predictions], [p[0][baseline] for p in predictions],
+                    [p[1] for p in predictions], PAIRED_METRICS, resamples, seed)
+    return {
+        "setting": group["params"]["setting"],
+        "seeds": [r.params["seed"] for r in results],
+        "experiments": [r.name for r in results],
+        "git_commit": results[0].baseline,
+        "params": group["params"],
+        "test_errors": group["test_errors"],
+        "test_sizes": group["test_sizes"],
+        "methods": summary,
+        "paired": paired,
+        "bootstrap": {"resamples": resamples, "seed": seed,
+                      "scheme": "within-seed resampling of the test set, mean over seeds "
+                                "of the per-seed difference; 95% percentile interval"},
+        "wall_time_s": wall_times([r.name for r in results]),
+    }
+
+
+def verdict(metric: str, low: float, high: float) -> str:
+    """'better', 'worse' or 'n.s.' for the challenger, given the interval of
+    challenger - baseline and whether higher is better for ``metric``."""
+    if low > 0 or high < 0:
+        gain = low > 0
+        return "better" if gain != (metric in LOWER_IS_BETTER) else "worse"
+    return "n.s."
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.{digits}f}"
+
+
+def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
+    """The measured row in the paper's Table 1 layout, ours beside the paper's per cell."""
+    seeds = row["seeds"]
+    lines = [
+        f"# Measured: `{row['setting']}`, {len(seeds)} seeds, full recipe", "",
+        f"Built by `python -m pipeline.measured {row['setting']}` from the DVC experiments "
+        f"{', '.join(row['experiments'])} (seeds {', '.join(map(str, seeds))}), run at "
+        f"commit `{row['git_commit'][:12]}`. Test split, percent. Each cell: ours as mean ± "
+        "sample std over the seeds, the paper's value (Table 1) in parentheses.", "",
+        "| Method | " + " | ".join(title for _, title in PAPER_METRICS) + " |",
+        "|---" * (len(PAPER_METRICS) + 1) + "|"]
+    for method, label in ROWS:
+        if method not in row["methods"]:
+            continue
+        paper_row = (paper or {}).get(PAPER_KEY.get(method, method)) or {}
+        if method == "confidnet":
+            paper_row = {}  # the paper's Table 1 reports ConfidNet after fine-tuning only
+        cells = []
+        for metric, _ in PAPER_METRICS:
+            stats = row["methods"][method].get(metric, {})
+            theirs = paper_row.get(metric)
+            cells.append(f"{_pct(stats.get('mean'))} ± {_pct(stats.get('std'))} "
+                         f"({'—' if theirs is None else f'{theirs:.2f}'})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    accuracy = row["methods"].get("mcp", {}).get("accuracy", {})
+    lines += ["", f"Classifier test accuracy {_pct(accuracy.get('mean'))} ± "
+              f"{_pct(accuracy.get('std'))}%; test errors per seed: "
+              f"{', '.join(map(str, row['test_errors']))} of {row['test_sizes'][0]}.", "",
+              "## Per seed (test AUPR-Error, %)", "",
+              "| Seed | experiment | errors | "
+              + " | ".join(label for method, label in ROWS if method in row["methods"])
+              + " | wall time |",
+              "|---" * (len([m for m, _ in ROWS if m in row["methods"]]) + 4) + "|"]
+    for i, seed in enumerate(seeds):
+        values = [_pct(row["methods"][m]["aupr_error"]["per_seed"][i])
+                  for m, _ in ROWS if m in row["methods"]]
+        wall = row["wall_time_s"].get(row["experiments"][i])
+        minutes = "n/a" if wall is None else f"{wall / 60:.0f} min"
+        lines.append(f"| {seed} | {row['experiments'][i]} | {row['test_errors'][i]} | "
+                     + " | ".join(values) + f" | {minutes} |")
+    lines += ["", "## ConfidNet against each baseline, pooled over the seeds", "",
+              "Paired bootstrap: every seed's test set resampled within that seed "
+              f"({row['bootstrap']['resamples']} resamples), the statistic is the mean over "
+              "seeds of ConfidNet minus the baseline (percentage points; for FPR and AURC "
+              "lower is better). 'better' / 'worse': the 95% interval excludes zero.", "",
+              "| Comparison | metric | mean difference | 95% interval | per seed | verdict |",
+              "|---|---|---|---|---|---|"]
+    for name, by_metric in row["paired"].items():
+        challenger, baseline = name.split("-")
+        label = f"{dict(ROWS)[challenger]} − {dict(ROWS)[baseline]}"
+        for metric, stats in by_metric.items():
+            low, high = stats["ci"]
+            lines.append(f"| {label} | {metric} | {100 * stats['mean_diff']:+.2f} | "
+                         f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
+                         + ", ".join(f"{100 * v:+.2f}" for v in stats["per_seed"])
+                         + f" | {verdict(metric, low, high)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("setting", help="the preset whose experiments to aggregate")
+    parser.add_argument("--experiments", nargs="+", metavar="NAME",
+                        help="exactly these experiments (default: every finished one of "
+                             "the setting at budget=full, which must differ only in seed)")
+    parser.add_argument("--resamples", type=int, default=None,
+                        help="bootstrap resamples (default: the runs' evaluate."
+                             "bootstrap_resamples)")
+    parser.add_argument("--out", type=Path, default=MEASURED)
+    parser.add_argument("--all-commits", action="store_true",
+                        help="include experiments of every commit, not only HEAD's")
+    args = parser.parse_args(argv)
+    from pipeline.table1 import load_paper_table1
+
+    results = select(parse_exp_show(exp_show(all_commits=args.all_commits)), args.setting,
+                     args.experiments)
+    resamples = args.resamples or results[0].params["evaluate"]["bootstrap_resamples"]
+    row = measure(results, resamples)
+    out = args.out / f"{args.setting}.json"
+    atomic_write_json(out, row)
+    atomic_write_text(out.with_suffix(".md"),
+                      render(row, load_paper_table1().get(args.setting)))
+    print(f"wrote {out} and {out.with_suffix('.md')} ({len(results)} seeds)")
+
+
+def load_measured(folder: Path = MEASURED) -> list[dict[str, Any]]:
+    """Every committed measured row, as groups that ``pipeline.table1`` can lay out."""
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [{"params": r["params"], "seeds": r["seeds"], "experiments": r["experiments"],
+             "test_errors": r["test_errors"], "test_sizes": r["test_sizes"],
+             "methods": r["methods"]} for r in rows]
+
+
+if __name__ == "__main__":
+    main()
