@@ -151,6 +151,9 @@ def measure(results: Sequence[ExperimentResult], resamples: int, seed: int = 0,
         "seeds": [r.params["seed"] for r in results],
         "experiments": [r.name for r in results],
         "git_commit": results[0].baseline,
+        # experiments queued at different commits (code that changes no stage's result,
+        # e.g. a new report) each name their own
+        "git_commits": {r.name: r.baseline for r in results},
         "params": group["params"],
         "test_errors": group["test_errors"],
         "test_sizes": group["test_sizes"],
@@ -172,6 +175,13 @@ def verdict(metric: str, low: float, high: float) -> str:
     return "n.s."
 
 
+def _commits(row: Mapping[str, Any]) -> str:
+    commits = row.get("git_commits") or {}
+    if len(set(commits.values())) <= 1:
+        return f"commit `{row['git_commit'][:12]}`"
+    return "commits " + ", ".join(f"`{c[:12]}` ({name})" for name, c in commits.items())
+
+
 def _pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.{digits}f}"
 
@@ -183,7 +193,7 @@ def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
         f"# Measured: `{row['setting']}`, {len(seeds)} seeds, full recipe", "",
         f"Built by `python -m pipeline.measured {row['setting']}` from the DVC experiments "
         f"{', '.join(row['experiments'])} (seeds {', '.join(map(str, seeds))}), run at "
-        f"commit `{row['git_commit'][:12]}`. Test split, percent. Each cell: ours as mean ± "
+        f"{_commits(row)}. Test split, percent. Each cell: ours as mean ± "
         "sample std over the seeds, the paper's value (Table 1) in parentheses.", "",
         "| Method | " + " | ".join(title for _, title in PAPER_METRICS) + " |",
         "|---" * (len(PAPER_METRICS) + 1) + "|"]
@@ -232,6 +242,36 @@ def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
                          f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
                          + ", ".join(f"{100 * v:+.2f}" for v in stats["per_seed"])
                          + f" | {verdict(metric, low, high)} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
+    """A short markdown summary of a measured row (the README's "What we found" quotes it
+    between markers; a test keeps the two equal)."""
+    lines = [f"`{row['setting']}`, {len(row['seeds'])} seeds, full recipe, test split "
+             "(%; mean ± std, paper in parentheses):", "",
+             "| Method | AUPR-Error | AUROC | FPR-95%-TPR |", "|---|---|---|---|"]
+    for method, label in ROWS:
+        if method not in row["methods"] or method == "confidnet":
+            continue
+        paper_row = (paper or {}).get(PAPER_KEY.get(method, method)) or {}
+        cells = []
+        for metric in ("aupr_error", "auroc", "fpr_at_95tpr"):
+            stats, theirs = row["methods"][method][metric], paper_row.get(metric)
+            cells.append(f"{_pct(stats['mean'])} ± {_pct(stats['std'])} "
+                         f"({'—' if theirs is None else f'{theirs:.2f}'})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for baseline in BASELINES:
+        stats = row["paired"].get(f"confidnet_finetuned-{baseline}", {}).get("aupr_error")
+        if stats is None:
+            continue
+        low, high = stats["ci"]
+        per_seed = ", ".join(f"{100 * v:+.2f}" for v in stats["per_seed"])
+        lines.append(f"- ConfidNet − {dict(ROWS)[baseline]}, AUPR-Error: "
+                     f"{100 * stats['mean_diff']:+.2f} points, 95% interval "
+                     f"[{100 * low:+.2f}, {100 * high:+.2f}] "
+                     f"({verdict('aupr_error', low, high)}); per seed {per_seed}.")
     return "\n".join(lines) + "\n"
 
 

@@ -147,3 +147,37 @@ def test_table1_lays_out_committed_rows(tmp_path: Path) -> None:
     block = next(b for b in blocks if b["setting"] == "mnist_mlp")
     assert block["run"] and block["seeds"] == [0, 1]
     assert block["methods"]["confidnet_finetuned"]["aupr_error"]["ours"]["mean"] == 0.5
+
+
+REPO = Path(__file__).resolve().parent.parent
+MEASURED_DIR = REPO / "reports" / "measured"
+
+
+def test_committed_table1_is_built_from_the_committed_measured_rows(tmp_path: Path) -> None:
+    """reports/table1.md and .json are what `python -m pipeline.table1 --measured
+    reports/measured` writes from the committed rows: no number kept in step by hand."""
+    out = tmp_path / "table1.md"
+    from pipeline.table1 import main as table1_main
+
+    table1_main(["--measured", str(MEASURED_DIR), "--out", str(out)])
+    assert (REPO / "reports" / "table1.md").read_text() == out.read_text()
+    assert (REPO / "reports" / "table1.json").read_text() == out.with_suffix(".json").read_text()
+
+
+def test_committed_measured_markdown_and_readme_quote_the_json() -> None:
+    """Each committed reports/measured/<setting>.md is the rendering of its .json, and the
+    README's "What we found" quotes the summary of each between markers."""
+    from pipeline.measured import summary
+
+    readme = (REPO / "README.md").read_text()
+    rows = sorted(MEASURED_DIR.glob("*.json"))
+    assert rows, "no measured row committed"
+    for path in rows:
+        row = json.loads(path.read_text())
+        paper = load_paper_table1().get(row["setting"])
+        assert path.with_suffix(".md").read_text() == render(row, paper)
+        start = f"<!-- measured:{row['setting']} -->\n"
+        end = f"<!-- /measured:{row['setting']} -->"
+        assert start in readme and end in readme, f"README lacks the {row['setting']} block"
+        quoted = readme.split(start, 1)[1].split(end, 1)[0]
+        assert quoted == summary(row, paper)
