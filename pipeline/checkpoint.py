@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from pipeline import dvcfile
 from pipeline.io import atomic_torch_save
 
 ROOT = Path(".checkpoints")
@@ -53,23 +53,16 @@ def fingerprint(stage: str, params: Mapping[str, Any], inputs: Iterable[Path | s
     return digest.hexdigest()
 
 
-def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = params
-    for key in dotted.split("."):
-        value = value[key]
-    return value
-
-
 def stage_fingerprint(stage: str, params: Mapping[str, Any],
                       dvc_yaml: Path = Path("dvc.yaml")) -> str:
     """The fingerprint of ``stage`` from its ``dvc.yaml`` entry: the params it declares
     (read from the validated ``params``) and its deps, code and data alike."""
-    spec = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
+    spec = dvcfile.stages(dvc_yaml)[stage]
     declared: dict[str, Any] = {}
-    inputs: list[Path] = [Path(dep) for dep in spec.get("deps", [])]
+    inputs: list[Path] = dvcfile.paths(spec, "deps")
     for entry in spec.get("params", []):
         if isinstance(entry, str):
-            declared[entry] = _lookup(params, entry)
+            declared[entry] = dvcfile.lookup(params, entry)
         else:  # {file: keys}: depend on the whole file
             inputs += [Path(name) for name in entry]
     return fingerprint(stage, declared, inputs)

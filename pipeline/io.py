@@ -51,6 +51,12 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def read_json(path: Path | str) -> Any:
+    """A JSON file: the one reader of the stages' JSON outputs (``pipeline.prepared``
+    wraps it to name the file in a :class:`~pipeline.errors.DataError`)."""
+    return json.loads(Path(path).read_text())
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}

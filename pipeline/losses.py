@@ -26,7 +26,8 @@ ranking loss weighs pairs, not samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,3 +103,11 @@ def ranking_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tenso
         return logit.sum() * 0.0
     margins = logit.unsqueeze(1) - logit.unsqueeze(0)
     return F.softplus(-margins[ordered]).mean()
+
+
+def loss_kwargs(params: Mapping[str, Any]) -> dict[str, float]:
+    """The keyword arguments of the loss ``params['loss']``, from ``params['confidnet']``
+    (every loss takes them all and reads its own)."""
+    cfg = params["confidnet"]
+    return {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"],
+            "error_weight": cfg["error_weight"]}
