@@ -30,7 +30,7 @@ ROOT = Path(".checkpoints")
 
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -107,7 +107,7 @@ class Checkpointer:
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
             epoch, state, found = saved["epoch"], saved["state"], saved["fingerprint"]
-        except Exception as error:  # any unreadable file is discarded, never fatal
+        except Exception as error:  # noqa: BLE001  any unreadable file is discarded, never fatal
             self._discard(f"it cannot be read ({type(error).__name__}: {error})")
             return None
         if found != self.fingerprint:
@@ -119,6 +119,5 @@ class Checkpointer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _discard(self, why: str) -> None:
-        print(f"{self.stage}: discarding the checkpoint in {self.folder}: {why}",
-              file=sys.stderr)
+        sys.stderr.write(f"{self.stage}: discarding the checkpoint in {self.folder}: {why}\n")
         self.clear()

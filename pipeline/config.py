@@ -48,6 +48,8 @@ class Spec:
             return f"valid values: {', '.join(self.choices())}"
         if self.validator is not None and not self.validator(value):
             return f"valid values: {self.pattern_help}"
+        if not isinstance(value, (int, float)):  # ranges bound numbers only
+            return None
         if self.minimum is not None:
             if self.min_exclusive and value <= self.minimum:
                 return f"must be > {self.minimum}"

@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
-import os
 import pickle
 import shutil
 import socket
@@ -232,7 +231,7 @@ def fetch(archive: Archive, cache: Path, mirror: str,
                     f"re-packed, set data.checksums.{name} to its MD5; then rerun "
                     f"`dvc repro download`.",
                 )
-            os.replace(part, target)
+            part.replace(target)
             atomic_write_text(record, f"{location}\n")
             return {"file": name, "md5": expected, "source": str(location)}
         except NETWORK_ERRORS as error:
@@ -345,15 +344,15 @@ def _cifar_parser(cls_name: str, label_key: str, num_classes: int
         entries: dict[str, dict[str, Any]] = {}
         try:
             with tarfile.open(path, "r:gz") as tar:
-                for member in tar:  # one pass: no seeking back in the gzip stream
-                    if member.name in wanted and member.isfile():
-                        handle = tar.extractfile(member)
+                for info in tar:  # one pass: no seeking back in the gzip stream
+                    if info.name in wanted and info.isfile():
+                        handle = tar.extractfile(info)
                         assert handle is not None
-                        entries[member.name] = _unpickle(handle)
+                        entries[info.name] = _unpickle(handle)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             raise _malformed(path, f"not a readable tar.gz ({type(error).__name__}: "
                                    f"{error})") from None
-        except Exception as error:  # whatever a damaged pickle raises
+        except Exception as error:  # noqa: BLE001  whatever a damaged pickle raises
             raise _malformed(path, f"a batch does not unpickle ({type(error).__name__}: "
                                    f"{error})") from None
         missing = sorted(wanted - set(entries))
@@ -389,7 +388,7 @@ def _parse_svhn(paths: dict[str, Path]) -> Parsed:
         path = _by_prefix(paths, f"{split}_")
         try:
             mat = loadmat(path)
-        except Exception as error:  # scipy raises many kinds on a damaged file
+        except Exception as error:  # noqa: BLE001  scipy raises many kinds on a damaged file
             raise _malformed(path, f"not a readable MATLAB file ({type(error).__name__}: "
                                    f"{error})") from None
         x, y = mat.get("X"), mat.get("y")
@@ -487,8 +486,11 @@ def image_entry(spec: ImageSpec) -> DatasetEntry:
                         input_shape=spec.input_shape)
 
 
-def archive_table(names: Sequence[str] = tuple(s.name for s in SPECS)) -> str:
-    """Each dataset's archives: official file name, MD5 and URLs (for a mirror)."""
+def archive_table(names: Sequence[str] | None = None) -> str:
+    """Each dataset's archives (every dataset's by default): official file name, MD5 and
+    URLs (for a mirror)."""
+    if names is None:
+        names = [spec.name for spec in SPECS]
     by_name = {spec.name: spec for spec in SPECS}
     lines = []
     for name in names:

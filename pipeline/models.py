@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -91,7 +91,7 @@ def build_mlp(input_shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
 # follow the authors' implementation (valeoai/ConfidNet, ``confidnet/models/``), as recorded
 # in the project's notes on it (shared/reference/official-implementation.md).
 
-SAME_PADDING_MODE = "reflect"
+SAME_PADDING_MODE: Literal["reflect"] = "reflect"
 """Padding of the 'same' 3x3 convolutions. The authors pad with ``nn.ReflectionPad2d``
 (their ``Conv2dSame``), not zeros; the notes only say 'same'. We follow the code. The
 parameters are the same either way; on CUDA, reflection padding has no deterministic
@@ -152,7 +152,9 @@ class ConvClassifier(Classifier):
 
     @property
     def feature_dropout(self) -> nn.Dropout:
-        return self.embedding.dropout
+        dropout = self.embedding.dropout
+        assert isinstance(dropout, nn.Dropout)
+        return dropout
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc_out(features)

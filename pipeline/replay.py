@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for payload in payloads:
             outcome = log_payload(client, experiment_id, payload, args.only_missing)
             print(f"{payload.stage}: {outcome}")
-    except Exception as error:  # the store: unreachable, locked, refusing
+    except Exception as error:  # noqa: BLE001  the store: unreachable, locked, refusing
         print(f"error: MLflow at {uri} failed ({type(error).__name__}: {error}); nothing "
               "is lost, rerun with --only-missing once it works", file=sys.stderr)
         return 1

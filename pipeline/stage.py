@@ -39,5 +39,5 @@ def run_stage(name: str, body: StageBody) -> None:
 
 
 def _stop(error: Exception) -> NoReturn:
-    print(f"error: {error}", file=sys.stderr)
+    sys.stderr.write(f"error: {error}\n")
     raise SystemExit(2) from None

@@ -136,8 +136,9 @@ def build_blocks(groups: Sequence[Mapping[str, Any]],
     by_setting: dict[str, list[Mapping[str, Any]]] = {}
     for group in groups:
         by_setting.setdefault(setting_of(group["params"]), []).append(group)
-    blocks = []
-    for setting in sorted(set(by_setting) | set(paper), key=lambda s: setting_order(s, paper)):
+    blocks: list[dict[str, Any]] = []
+    for setting in sorted(set(by_setting) | set(paper),
+                          key=lambda s: setting_order(s, list(paper))):
         row = paper.get(setting)
         label = row["label"] if row else EXTRA_LABELS.get(setting, setting)
         members = by_setting.get(setting, [])
@@ -149,7 +150,7 @@ def build_blocks(groups: Sequence[Mapping[str, Any]],
                 "methods": _methods(None, row)})
             continue
         differing = [k for k in _differing_params(members) if k != "setting"]
-        setting_blocks = []
+        setting_blocks: list[dict[str, Any]] = []
         for group in members:
             flat = flatten(group["params"])
             setting_blocks.append({

@@ -194,7 +194,7 @@ class StageRun:
             self.run_id = run.info.run_id
             self._mlflow = mlflow
             mlflow.log_params(self.params)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("start", error)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -209,7 +209,7 @@ class StageRun:
         if step is None:
             try:
                 self._mlflow.log_metrics(clean)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001  tracking never costs a result
                 self._fail("log_metrics", error)
             return
         from mlflow.entities import Metric
@@ -229,7 +229,7 @@ class StageRun:
             client = self._mlflow.MlflowClient()
             for start in range(0, len(pending), 1000):
                 client.log_batch(self.run_id, metrics=pending[start:start + 1000])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("log_batch", error)
 
     def log_artifact(self, path: Path | str) -> None:
@@ -237,7 +237,7 @@ class StageRun:
             return
         try:
             self._mlflow.log_artifact(str(path))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("log_artifact", error)
 
     def end(self, status: str) -> None:
@@ -246,7 +246,7 @@ class StageRun:
             return
         try:
             self._mlflow.end_run(status=status)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("end_run", error)
 
     def record(self) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def _training_state(model: nn.Module, optimiser: torch.optim.Optimizer,
     """Everything an epoch boundary depends on: weights, optimiser, learning-rate schedule,
     the generator of batch order and augmentations, torch's global RNG (dropout) and the
     result so far. The loops draw from no Python or numpy RNG, so those are not saved."""
-    state = {
+    state: dict[str, Any] = {
         "model": model.state_dict(),
         "optimiser": optimiser.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -124,11 +124,11 @@ def _resume(checkpointer: Checkpointer | None, model: nn.Module,
             and len(cuda_rng) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_rng)
     result = FitResult(**state["result"])
-    print(f"resuming {checkpointer.stage} from epoch {done + 1} of {epochs} "
-          f"({checkpointer.folder})", file=sys.stderr, flush=True)
+    sys.stderr.write(f"resuming {checkpointer.stage} from epoch {done + 1} of {epochs} "
+                     f"({checkpointer.folder})\n")
     for row in result.history:
         if row["epoch"] > 0:
-            log(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+            log(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
     return done, result
 
 

@@ -74,8 +74,8 @@ def per_batch_targets(params: dict[str, Any], device: torch.device,
     augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
     dropout = params["confidnet"]["features"] == "dropout"
     if dropout and not augment.active and classifier.dropout_only_on_features:
-        print(f"phase 1: dropout applied to the cached features (exact for "
-              f"{type(classifier).__name__}: no encoder pass)", file=sys.stderr, flush=True)
+        sys.stderr.write(f"phase 1: dropout applied to the cached features (exact for "
+                         f"{type(classifier).__name__}: no encoder pass)\n")
         return cached, FeatureDropoutTargets(classifier, params["criterion"])
     return dataset["train"].x, AugmentedTargets(classifier, augment, params["criterion"],
                                                 features=True, dropout=dropout)

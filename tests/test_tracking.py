@@ -129,7 +129,7 @@ def check_replayed(uri: str, project: Path) -> dict[str, Any]:
             history = client.get_metric_history(r.info.run_id, name)
             assert sorted((m.step, m.value) for m in history) == sorted(want), (stage, name)
         if stage in CURVES:
-            with open(project / "plots" / CURVES[stage], newline="") as handle:
+            with (project / "plots" / CURVES[stage]).open(newline="") as handle:
                 rows = list(csv.DictReader(handle))
             for column in rows[0]:
                 if column == "epoch":
