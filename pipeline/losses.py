@@ -13,7 +13,7 @@ criterion target and the 0/1 correctness of the frozen classifier's prediction:
 - ``ranking`` pairwise logistic ranking loss inside the batch: every pair whose criterion
               targets differ is pushed to the same order in u. With ``tcp_r`` this ranks
               every correct prediction above every error; the authors used a structured
-              AP loss instead, which needs a compiled solver (see the shared notes).
+              AP loss instead, which needs a compiled solver (valeoai/ConfidNet).
 
 ``bce`` and ``focal`` read correctness only; ``mse`` and ``ranking`` read the criterion.
 
@@ -82,12 +82,13 @@ def bce_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
 @LOSSES.register("focal")
 def focal_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
                focal_alpha: float = 0.25, focal_gamma: float = 5.0, **_: float) -> torch.Tensor:
-    """Focal loss (Lin et al. 2017, eq. 5) with 'correct' as the positive class."""
-    y = correct.float()
-    bce = F.binary_cross_entropy_with_logits(logit, y, reduction="none")
-    p_t = torch.exp(-bce)  # probability given to the true binary label
-    alpha_t = focal_alpha * y + (1 - focal_alpha) * (1 - y)
-    return (alpha_t * (1 - p_t) ** focal_gamma * bce).mean()
+    """Focal loss (Lin et al. 2017, eq. 5) with 'correct' as the positive class:
+    torchvision's ``sigmoid_focal_loss``, ``alpha`` weighing correct predictions and
+    ``1 - alpha`` errors, averaged over the batch."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    return sigmoid_focal_loss(logit, correct.to(logit.dtype), alpha=focal_alpha, gamma=focal_gamma,
+                              reduction="mean")
 
 
 @LOSSES.register("ranking")

@@ -221,8 +221,9 @@ def header(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
         "full learning scheme and the row its Table 1 reports. **ConfidNet, phase 1** "
         "(`confidnet`) is the head trained on frozen features before fine-tuning; the paper "
         f"does not report it separately ({NO_PAPER_VALUE}).", "",
-        "Metric conventions follow `pipeline/metrics.py`: AUROC and AUPR by scikit-learn's "
-        "`roc_auc_score` and `average_precision_score` (AUPR-Error takes errors as the "
+        "Metric conventions follow `pipeline/metrics.py`: AUROC and AUPR with the "
+        "definitions of scikit-learn's `roc_auc_score` and `average_precision_score` "
+        "(AUPR-Error takes errors as the "
         "positive class, AUPR-Success correct predictions), FPR at 95% TPR exact over the "
         "ROC curve (TPR counts correct predictions accepted). Each block names the "
         "classifier its numbers rest on; the paper's classifiers' accuracies are not in "

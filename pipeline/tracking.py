@@ -262,7 +262,7 @@ class StageRun:
 @contextmanager
 def _first_use_lock(uri: str) -> Iterator[None]:
     """Serialise the first opening of a SQLite store: MLflow's schema creation races when
-    several processes open a fresh database at once (shared notes)."""
+    several processes open a fresh database at once (seen with MLflow 3 on SQLite)."""
     if not uri.startswith("sqlite:///"):
         yield
         return
