@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from pipeline import dvcfile
 from pipeline.io import atomic_torch_save
 
 ROOT = Path(".checkpoints")
@@ -30,7 +30,7 @@ ROOT = Path(".checkpoints")
 
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -53,23 +53,16 @@ def fingerprint(stage: str, params: Mapping[str, Any], inputs: Iterable[Path | s
     return digest.hexdigest()
 
 
-def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = params
-    for key in dotted.split("."):
-        value = value[key]
-    return value
-
-
 def stage_fingerprint(stage: str, params: Mapping[str, Any],
                       dvc_yaml: Path = Path("dvc.yaml")) -> str:
     """The fingerprint of ``stage`` from its ``dvc.yaml`` entry: the params it declares
     (read from the validated ``params``) and its deps, code and data alike."""
-    spec = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
+    spec = dvcfile.stages(dvc_yaml)[stage]
     declared: dict[str, Any] = {}
-    inputs: list[Path] = [Path(dep) for dep in spec.get("deps", [])]
+    inputs: list[Path] = dvcfile.paths(spec, "deps")
     for entry in spec.get("params", []):
         if isinstance(entry, str):
-            declared[entry] = _lookup(params, entry)
+            declared[entry] = dvcfile.lookup(params, entry)
         else:  # {file: keys}: depend on the whole file
             inputs += [Path(name) for name in entry]
     return fingerprint(stage, declared, inputs)
@@ -114,7 +107,7 @@ class Checkpointer:
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
             epoch, state, found = saved["epoch"], saved["state"], saved["fingerprint"]
-        except Exception as error:  # any unreadable file is discarded, never fatal
+        except Exception as error:  # noqa: BLE001  any unreadable file is discarded, never fatal
             self._discard(f"it cannot be read ({type(error).__name__}: {error})")
             return None
         if found != self.fingerprint:
@@ -126,6 +119,5 @@ class Checkpointer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _discard(self, why: str) -> None:
-        print(f"{self.stage}: discarding the checkpoint in {self.folder}: {why}",
-              file=sys.stderr)
+        sys.stderr.write(f"{self.stage}: discarding the checkpoint in {self.folder}: {why}\n")
         self.clear()

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-class ParamsError(ValueError):
-    """Invalid ``params.yaml``; the message lists every problem found."""
+from pipeline.dvcfile import read_yaml
+from pipeline.errors import ParamsError
+from pipeline.runtime import project_root  # noqa: F401  (re-exported: it lived here)
 
 
 @dataclass(frozen=True)
@@ -51,6 +48,8 @@ class Spec:
             return f"valid values: {', '.join(self.choices())}"
         if self.validator is not None and not self.validator(value):
             return f"valid values: {self.pattern_help}"
+        if not isinstance(value, (int, float)):  # ranges bound numbers only
+            return None
         if self.minimum is not None:
             if self.min_exclusive and value <= self.minimum:
                 return f"must be > {self.minimum}"
@@ -68,11 +67,19 @@ class Spec:
         return f"{text} or null" if self.nullable else text
 
 
+def _registry_attribute(module: str, attribute: str) -> Any:
+    """``module.attribute``, imported when validation reads it. On purpose not a static
+    import: the registries hold what params may *name*, while config is plumbing every
+    stage runs, and must not pull the science modules into every stage (and its ``dvc.yaml``
+    deps). A stage that uses a registry imports it, and its deps list it."""
+    import importlib
+
+    return getattr(importlib.import_module(module), attribute)
+
+
 def _registry_names(module: str, attribute: str) -> Callable[[], list[str]]:
     def names() -> list[str]:
-        import importlib
-
-        return getattr(importlib.import_module(module), attribute).names()
+        return list(_registry_attribute(module, attribute).names())
 
     return names
 
@@ -213,12 +220,11 @@ def _check(node: Any, schema: dict[str, Any], prefix: str, problems: list[str]) 
 
 def _cross_key_problems(params: dict[str, Any]) -> list[str]:
     """Problems that involve more than one key (each key on its own is valid)."""
-    from pipeline.losses import ERROR_WEIGHTED_LOSSES
-
+    error_weighted = _registry_attribute("pipeline.losses", "ERROR_WEIGHTED_LOSSES")
     weight, loss = params["confidnet"]["error_weight"], params["loss"]
-    if weight != 1 and loss not in ERROR_WEIGHTED_LOSSES:
+    if weight != 1 and loss not in error_weighted:
         return [f"confidnet.error_weight = {weight!r}: only the losses "
-                f"{', '.join(ERROR_WEIGHTED_LOSSES)} weigh errors; loss = {loss!r} needs "
+                f"{', '.join(error_weighted)} weigh errors; loss = {loss!r} needs "
                 "confidnet.error_weight = 1"]
     return []
 
@@ -231,32 +237,6 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise ParamsError("invalid params.yaml:\n  " + "\n  ".join(problems))
     return params
-
-
-def project_root() -> Path:
-    """The DVC project root: ``DVC_ROOT`` inside DVC runs, else the working directory."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-06`` (no dot) as a string; DVC writes numbers that way after
-    ``dvc exp run -S lr=1e-6``. Resolve every decimal or scientific literal as a float,
-    as YAML 1.2 does."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
 
 
 def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:

@@ -4,34 +4,16 @@ later stages never rerun the classifier for them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from pipeline.artifacts import features_path
 from pipeline.augment import Augmentation
-from pipeline.data import Split
-from pipeline.io import atomic_write_npz, load_npz
 from pipeline.losses import CRITERIA
 from pipeline.models import Classifier, enable_mc_dropout
+from pipeline.outputs import Features, load_features, save_features  # noqa: F401  (re-exported)
+from pipeline.prepared import Split
 from pipeline.training import ConfidenceData, batches
-
-
-@dataclass(frozen=True)
-class Features:
-    features: np.ndarray  # (N, D)
-    logits: np.ndarray  # (N, K)
-    labels: np.ndarray  # (N,)
-
-    @property
-    def predictions(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
-
-    @property
-    def correct(self) -> np.ndarray:
-        return (self.predictions == self.labels).astype(np.int64)
 
 
 @torch.no_grad()
@@ -44,16 +26,6 @@ def extract(classifier: Classifier, split: Split, batch_size: int,
         feats.append(f.float().cpu())
         logits.append(classifier.classify(f).float().cpu())
     return Features(torch.cat(feats).numpy(), torch.cat(logits).numpy(), split.y.numpy())
-
-
-def save_features(split: str, features: Features, root: Path = Path()) -> None:
-    atomic_write_npz(root / features_path(split), features=features.features,
-                     logits=features.logits, labels=features.labels)
-
-
-def load_features(split: str, root: Path = Path()) -> Features:
-    arrays = load_npz(root / features_path(split))
-    return Features(arrays["features"], arrays["logits"], arrays["labels"])
 
 
 def criterion_targets(logits: torch.Tensor, labels: torch.Tensor,

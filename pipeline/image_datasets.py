@@ -1,7 +1,7 @@
 """The paper's image datasets: MNIST, SVHN, CIFAR-10 and CIFAR-100 (Corbière et al., 2019).
 
 Each is prepared into the same folder scheme as ``digits`` (``dataset.npz`` and
-``split.json``, see :mod:`pipeline.data`), following the authors' implementation:
+``split.json``, see :mod:`pipeline.prepared`), following the authors' implementation:
 
 - images: the official training images followed by the official test images, uint8
   ``(N, C, H, W)``; SVHN uses its ``train`` and ``test`` files only, never ``extra``;
@@ -20,7 +20,7 @@ and ``MNIST.resources``, ``CIFAR10/CIFAR100.url/filename/tgz_md5``, ``SVHN.split
 Archives are cached in ``<project root>/.downloads/<dataset>/`` (the project root is
 ``$DVC_ROOT``, else the working directory), so reruns and queued experiments download once;
 a cached file is reused only while its MD5 matches. A file whose MD5 does not match is
-deleted and raises :class:`~pipeline.data.DataError` naming the file, both MD5s and where it
+deleted and raises :class:`~pipeline.errors.DataError` naming the file, both MD5s and where it
 came from; a network failure raises one naming every URL tried. Either way nothing is
 written into the prepared folder, and the ``download`` stage exits with status 2.
 
@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
-import os
 import pickle
 import shutil
 import socket
@@ -68,23 +67,10 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import numpy as np
-import torch
 
-from pipeline.data import (
-    DATASETS,
-    SPLITS,
-    DataError,
-    Dataset,
-    DatasetEntry,
-    Split,
-    _field,
-    checked_split_indices,
-    normalise,
-    read_json,
-    read_npz,
-    resolve_split_seed,
-)
+from pipeline.errors import DataError
 from pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text
+from pipeline.prepared import SPLITS, Dataset, DatasetEntry, load_images, resolve_split_seed
 
 DOWNLOADS = ".downloads"  # under the project root, one folder per dataset
 SCALE = 255.0
@@ -167,7 +153,7 @@ def _svhn_archives() -> list[Archive]:
 
 def cache_dir(name: str) -> Path:
     """Where the archives of dataset ``name`` are cached: ``<project root>/.downloads/name``."""
-    from pipeline.config import project_root
+    from pipeline.runtime import project_root
 
     return project_root() / DOWNLOADS / name
 
@@ -180,7 +166,7 @@ def _mirror_locations(mirror: str, filename: str) -> tuple[str | Path, ...]:
     if scheme == "file":
         folder = Path(urllib.request.url2pathname(urllib.parse.urlsplit(mirror).path))
     else:
-        from pipeline.config import project_root
+        from pipeline.runtime import project_root
 
         folder = project_root() / Path(mirror).expanduser()
     if not folder.is_dir():
@@ -245,7 +231,7 @@ def fetch(archive: Archive, cache: Path, mirror: str,
                     f"re-packed, set data.checksums.{name} to its MD5; then rerun "
                     f"`dvc repro download`.",
                 )
-            os.replace(part, target)
+            part.replace(target)
             atomic_write_text(record, f"{location}\n")
             return {"file": name, "md5": expected, "source": str(location)}
         except NETWORK_ERRORS as error:
@@ -358,15 +344,15 @@ def _cifar_parser(cls_name: str, label_key: str, num_classes: int
         entries: dict[str, dict[str, Any]] = {}
         try:
             with tarfile.open(path, "r:gz") as tar:
-                for member in tar:  # one pass: no seeking back in the gzip stream
-                    if member.name in wanted and member.isfile():
-                        handle = tar.extractfile(member)
+                for info in tar:  # one pass: no seeking back in the gzip stream
+                    if info.name in wanted and info.isfile():
+                        handle = tar.extractfile(info)
                         assert handle is not None
-                        entries[member.name] = _unpickle(handle)
+                        entries[info.name] = _unpickle(handle)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             raise _malformed(path, f"not a readable tar.gz ({type(error).__name__}: "
                                    f"{error})") from None
-        except Exception as error:  # whatever a damaged pickle raises
+        except Exception as error:  # noqa: BLE001  whatever a damaged pickle raises
             raise _malformed(path, f"a batch does not unpickle ({type(error).__name__}: "
                                    f"{error})") from None
         missing = sorted(wanted - set(entries))
@@ -402,7 +388,7 @@ def _parse_svhn(paths: dict[str, Path]) -> Parsed:
         path = _by_prefix(paths, f"{split}_")
         try:
             mat = loadmat(path)
-        except Exception as error:  # scipy raises many kinds on a damaged file
+        except Exception as error:  # noqa: BLE001  scipy raises many kinds on a damaged file
             raise _malformed(path, f"not a readable MATLAB file ({type(error).__name__}: "
                                    f"{error})") from None
         x, y = mat.get("X"), mat.get("y")
@@ -473,45 +459,6 @@ def _prepare(spec: ImageSpec, out_dir: Path, data_params: dict[str, Any],
     return info
 
 
-def _normalisation(info: dict[str, Any], info_path: Path,
-                   channels: int) -> tuple[float, list[float], list[float]]:
-    norm = _field(info, info_path, "normalisation")
-    try:
-        scale = float(norm["scale"])
-        mean, std = ([float(v) for v in norm[k]] for k in ("mean", "std"))
-    except (KeyError, TypeError, ValueError) as error:
-        raise DataError(info_path, f"bad normalisation {norm!r} "
-                                   f"({type(error).__name__}: {error})") from None
-    values = [scale, *mean, *std]
-    if (len(mean) != channels or len(std) != channels or not all(map(math.isfinite, values))
-            or min(scale, *std) <= 0):
-        raise DataError(info_path, f"bad normalisation {norm!r}: expected a positive scale and "
-                                   f"{channels} finite means and positive stds")
-    return scale, mean, std
-
-
-def _load(spec: ImageSpec, folder: Path) -> Dataset:
-    info_path, path = folder / "split.json", folder / "dataset.npz"
-    info = read_json(info_path)
-    arrays = read_npz(path, ["images", "labels", *(f"{s}_idx" for s in SPLITS)])
-    images, labels = arrays["images"], arrays["labels"]
-    if (images.dtype != np.uint8 or images.shape[1:] != spec.input_shape
-            or labels.shape != (len(images),)):
-        raise DataError(path, f"images {images.dtype} of shape {images.shape} and labels of "
-                              f"shape {labels.shape}; expected uint8 "
-                              f"(N, {', '.join(map(str, spec.input_shape))}) and (N,)")
-    indices = checked_split_indices(arrays, len(images), path)
-    scale, mean, std = _normalisation(info, info_path, spec.input_shape[0])
-    # Each split normalised from its own uint8 subset: one float copy of the data in all.
-    splits = {s: Split(x=torch.from_numpy(normalise(images[idx], scale, mean, std)),
-                       y=torch.from_numpy(labels[idx]))
-              for s, idx in indices.items()}
-    black = normalise(np.zeros((1, spec.input_shape[0], 1, 1), np.uint8), scale, mean, std)
-    return Dataset(spec.name, _field(info, info_path, "num_classes"),
-                   tuple(_field(info, info_path, "input_shape")), splits,
-                   tuple(float(v) for v in black.reshape(-1)))
-
-
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 SPECS = (
@@ -525,12 +472,13 @@ SPECS = (
 )
 
 
-def _entry(spec: ImageSpec) -> DatasetEntry:
+def image_entry(spec: ImageSpec) -> DatasetEntry:
+    """The registry entry of ``spec`` (registered in :mod:`pipeline.data`)."""
     def prepare(out_dir: Path, data_params: dict[str, Any], seed: int) -> dict[str, Any]:
         return _prepare(spec, Path(out_dir), data_params, seed)
 
     def load(folder: Path) -> Dataset:
-        return _load(spec, Path(folder))
+        return load_images(Path(folder), spec.name, spec.input_shape)
 
     prepare.__doc__ = f"Download (or reuse the cached archives of) {spec.name}, split it."
     load.__doc__ = f"Load a prepared {spec.name} folder as normalised tensors."
@@ -538,13 +486,11 @@ def _entry(spec: ImageSpec) -> DatasetEntry:
                         input_shape=spec.input_shape)
 
 
-if __name__ != "__main__":  # run as a script, the module is imported (and registers) again
-    for _spec in SPECS:
-        DATASETS.register(_spec.name)(_entry(_spec))
-
-
-def archive_table(names: Sequence[str] = tuple(s.name for s in SPECS)) -> str:
-    """Each dataset's archives: official file name, MD5 and URLs (for a mirror)."""
+def archive_table(names: Sequence[str] | None = None) -> str:
+    """Each dataset's archives (every dataset's by default): official file name, MD5 and
+    URLs (for a mirror)."""
+    if names is None:
+        names = [spec.name for spec in SPECS]
     by_name = {spec.name: spec for spec in SPECS}
     lines = []
     for name in names:

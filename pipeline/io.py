@@ -25,7 +25,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        tmp_path.replace(path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -40,8 +40,8 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub: any key could be allow_pickle
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
@@ -49,6 +49,12 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def read_json(path: Path | str) -> Any:
+    """A JSON file: the one reader of the stages' JSON outputs (``pipeline.prepared``
+    wraps it to name the file in a :class:`~pipeline.errors.DataError`)."""
+    return json.loads(Path(path).read_text())
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

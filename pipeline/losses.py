@@ -13,7 +13,7 @@ criterion target and the 0/1 correctness of the frozen classifier's prediction:
 - ``ranking`` pairwise logistic ranking loss inside the batch: every pair whose criterion
               targets differ is pushed to the same order in u. With ``tcp_r`` this ranks
               every correct prediction above every error; the authors used a structured
-              AP loss instead, which needs a compiled solver (see the shared notes).
+              AP loss instead, which needs a compiled solver (valeoai/ConfidNet).
 
 ``bce`` and ``focal`` read correctness only; ``mse`` and ``ranking`` read the criterion.
 
@@ -26,7 +26,8 @@ ranking loss weighs pairs, not samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +82,13 @@ def bce_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
 @LOSSES.register("focal")
 def focal_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
                focal_alpha: float = 0.25, focal_gamma: float = 5.0, **_: float) -> torch.Tensor:
-    """Focal loss (Lin et al. 2017, eq. 5) with 'correct' as the positive class."""
-    y = correct.float()
-    bce = F.binary_cross_entropy_with_logits(logit, y, reduction="none")
-    p_t = torch.exp(-bce)  # probability given to the true binary label
-    alpha_t = focal_alpha * y + (1 - focal_alpha) * (1 - y)
-    return (alpha_t * (1 - p_t) ** focal_gamma * bce).mean()
+    """Focal loss (Lin et al. 2017, eq. 5) with 'correct' as the positive class:
+    torchvision's ``sigmoid_focal_loss``, ``alpha`` weighing correct predictions and
+    ``1 - alpha`` errors, averaged over the batch."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    return sigmoid_focal_loss(logit, correct.to(logit.dtype), alpha=focal_alpha, gamma=focal_gamma,
+                              reduction="mean")
 
 
 @LOSSES.register("ranking")
@@ -102,3 +104,11 @@ def ranking_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tenso
         return logit.sum() * 0.0
     margins = logit.unsqueeze(1) - logit.unsqueeze(0)
     return F.softplus(-margins[ordered]).mean()
+
+
+def loss_kwargs(params: Mapping[str, Any]) -> dict[str, float]:
+    """The keyword arguments of the loss ``params['loss']``, from ``params['confidnet']``
+    (every loss takes them all and reads its own)."""
+    cfg = params["confidnet"]
+    return {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"],
+            "error_weight": cfg["error_weight"]}

@@ -2,10 +2,12 @@
 
 Inputs are a confidence per sample (higher = more confident) and whether the frozen
 classifier's prediction was correct. Errors are the positive class for AUPR-Error, the
-paper's headline metric (Sec. 3.1). Conventions (see ``shared/reference`` and README):
+paper's headline metric (Sec. 3.1). Conventions (see README):
 
-- AUROC, AUPR-Success, AUPR-Error: scikit-learn's ``roc_auc_score`` and
-  ``average_precision_score``, as in the authors' code.
+- AUROC, AUPR-Success, AUPR-Error: computed here (Mann-Whitney with ties counted 1/2;
+  average precision as a sum of recall steps times precision), with the definitions of
+  scikit-learn's ``roc_auc_score`` and ``average_precision_score``, which the authors'
+  code calls; the tests check both agree.
 - FPR at 95% TPR: TPR counts *correct* predictions accepted. Over the exact ROC curve
   (every distinct score a threshold), the FPR of the first operating point whose
   TPR >= 0.95, i.e. the strictest threshold that keeps 95% of the correct predictions.

@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -88,12 +88,12 @@ def build_mlp(input_shape: tuple[int, ...], num_classes: int, cfg: dict[str, Any
 #
 # The paper (Sec. 3.1, "Network architectures") takes its classifiers from Jiang et al.
 # (2018): small ConvNets for MNIST and SVHN, VGG-16 for CIFAR-10/100. The layer lists below
-# follow the authors' implementation (valeoai/ConfidNet, ``confidnet/models/``), as recorded
-# in the project's notes on it (shared/reference/official-implementation.md).
+# follow the authors' public implementation (github.com/valeoai/ConfidNet,
+# ``confidnet/models/``).
 
-SAME_PADDING_MODE = "reflect"
+SAME_PADDING_MODE: Literal["reflect"] = "reflect"
 """Padding of the 'same' 3x3 convolutions. The authors pad with ``nn.ReflectionPad2d``
-(their ``Conv2dSame``), not zeros; the notes only say 'same'. We follow the code. The
+(their ``Conv2dSame``), not zeros; the paper only says 'same'. We follow the code. The
 parameters are the same either way; on CUDA, reflection padding has no deterministic
 backward kernel (a warning under ``torch.use_deterministic_algorithms(warn_only=True)``)."""
 
@@ -152,7 +152,9 @@ class ConvClassifier(Classifier):
 
     @property
     def feature_dropout(self) -> nn.Dropout:
-        return self.embedding.dropout
+        dropout = self.embedding.dropout
+        assert isinstance(dropout, nn.Dropout)
+        return dropout
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc_out(features)
@@ -238,8 +240,8 @@ class VGG16(ConvClassifier):
     -> dropout ``dropout`` (0.5) -> fc. The features are the ``hidden``-d activations after
     the last dropout.
 
-    Trained from scratch: the authors' ImageNet initialisation copied nothing (their
-    notes), and ImageNet weights would not fit the BN-after-ReLU layout anyway. Padding
+    Trained from scratch: the authors' ImageNet initialisation copied nothing
+    (valeoai/ConfidNet), and ImageNet weights would not fit the BN-after-ReLU layout anyway. Padding
     is by reflection, as in their code (``SAME_PADDING_MODE``).
     """
 

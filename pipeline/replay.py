@@ -1,7 +1,9 @@
-"""Log a finished pipeline's results to MLflow again, from its DVC outputs.
+"""Log a finished pipeline's results to MLflow again, from the records its stages wrote.
 
-A stage whose MLflow store was down or locked still finished, and its DVC outputs hold
-every number. Once the store works, run from the project root::
+A stage whose MLflow store was down or locked still finished: its DVC outputs hold every
+number, and ``runs/<stage>.json`` records what the stage logged (or tried to log): the
+flattened params, the final metrics and the per-step ones, and the run's tags. Once the
+store works, run from the project root::
 
     python -m pipeline.replay                   # every stage whose outputs exist
     python -m pipeline.replay --only-missing    # skip runs the store already holds
@@ -9,100 +11,35 @@ every number. Once the store works, run from the project root::
 
 Each stage gets a new MLflow run in the experiment ``tracking.experiment`` of
 ``params.yaml``, in the store stages use (``MLFLOW_TRACKING_URI``, else ``mlflow.db``),
-with what the stage itself logs: the flattened ``params.yaml``, its final metrics under
-the same names, its per-epoch curves (``plots/*_curves.csv``) as step metrics, and the tags
-``dvc_stage``, ``dvc_exp_name``, ``git_commit`` of ``runs/<stage>.json`` (for the report,
-its provenance section; else the current checkout), plus ``replayed=true`` and
-``replay_of`` (the recorded run id).
-Differences from the original run: per-epoch values carry the CSV's 6 significant digits
-and include epoch 0 where the CSV has it; artifacts are not logged (they are DVC outputs).
+holding exactly what its record holds, plus the tags ``replayed=true`` and ``replay_of``
+(the recorded run id). Nothing is recomputed. Artifacts are not logged (they are DVC
+outputs).
 
 ``--only-missing`` skips a stage whose recorded run is in the store and FINISHED, or whose
-outputs were already replayed there (tag ``replay_key``, a hash of what is logged), so it
+record was already replayed there (tag ``replay_key``, a hash of what is logged), so it
 can be rerun safely. The workspace must hold the outputs to replay: for an experiment,
 ``dvc exp apply <name>`` first. A stage whose ``dvc.lock`` params differ from
 ``params.yaml`` is skipped (its outputs do not come from these params). Nothing in the
 workspace is changed. Exit status: 0 done; 1 MLflow failed, or a stage was skipped
-(stale params, unreadable outputs); 2 bad arguments.
+(stale params, unreadable record); 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
-import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline import tracking
-from pipeline.artifacts import BASELINE_SCORES, DATA, METRICS, REPORT, run_record_path
-from pipeline.config import read_yaml
-from pipeline.data import READ_ERRORS, SPLITS
-
-
-def _json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-# Final metrics of each stage, from its outputs, named as the stage logs them.
-def _download() -> dict[str, float]:
-    return {f"{s}_size": n for s, n in _json(DATA / "split.json")["sizes"].items()}
-
-
-def _train_classifier() -> dict[str, float]:
-    return tracking.classifier_summary_metrics(_json(METRICS / "classifier.json"))
-
-
-def _extract_features() -> dict[str, float]:
-    from pipeline.features import load_features
-
-    metrics = {}
-    for split in SPLITS:
-        correct = load_features(split).correct
-        metrics[f"{split}_accuracy"] = float(correct.mean())
-        metrics[f"{split}_errors"] = float((1 - correct).sum())
-    return metrics
-
-
-def _train_confidnet() -> dict[str, float]:
-    return tracking.confidnet_summary_metrics(_json(METRICS / "train_confidnet.json"))
-
-
-def _finetune() -> dict[str, float]:
-    return tracking.confidnet_summary_metrics(_json(METRICS / "finetune.json"))
-
-
-def _baselines() -> dict[str, float]:
-    from pipeline.baselines import fit_temperature
-    from pipeline.features import load_features
-
-    val = load_features("val")
-    return {"methods": len(list(Path(BASELINE_SCORES).glob("*.npz"))),
-            "temperature": fit_temperature(val.logits, val.labels)}
-
-
-def _evaluate() -> dict[str, float]:
-    results = {"val": _json(METRICS / "validation.json"), "test": _json(METRICS / "evaluate.json")}
-    return tracking.evaluation_metrics(results, _json(METRICS / "intervals.json"))
-
-
-FINAL_METRICS: dict[str, Callable[[], dict[str, float]]] = {
-    "download": _download,
-    "train_classifier": _train_classifier,
-    "extract_features": _extract_features,
-    "train_confidnet": _train_confidnet,
-    "finetune": _finetune,
-    "baselines": _baselines,
-    "evaluate": _evaluate,
-}
+from pipeline import dvcfile, tracking
+from pipeline.artifacts import run_record_path
+from pipeline.errors import READ_ERRORS
+from pipeline.io import read_json
 
 
 @dataclass
@@ -114,75 +51,19 @@ class Stage:
     def missing(self) -> list[Path]:
         return [path for path in self.outputs if not path.exists()]
 
-    def curves(self) -> list[Path]:
-        return [p for p in self.outputs if p.name.endswith("_curves.csv")]
-
 
 def pipeline_stages(root: Path = Path()) -> list[Stage]:
     """The stages of ``dvc.yaml``, in order, with their outputs and locked params."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    lock_path = root / "dvc.lock"
-    lock = read_yaml(lock_path.read_text())["stages"] if lock_path.exists() else {}
-    stages = []
-    for name, stage in spec.items():
-        outputs = []
-        for section in ("outs", "metrics", "plots"):
-            for entry in stage.get(section, []):
-                outputs.append(root / (next(iter(entry)) if isinstance(entry, dict) else entry))
-        locked = lock.get(name, {}).get("params", {}).get("params.yaml", {})
-        stages.append(Stage(name, outputs, dict(locked)))
-    return stages
-
-
-_MISSING = object()
-
-
-def _lookup(params: dict[str, Any], dotted: str) -> Any:
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
+    locked = dvcfile.locked_params(root / "dvc.lock")
+    return [Stage(name, [root / path for path in dvcfile.paths(spec, "outs", "metrics", "plots")],
+                  locked.get(name, {}))
+            for name, spec in dvcfile.stages(root / "dvc.yaml").items()]
 
 
 def stale_params(stage: Stage, params: dict[str, Any]) -> list[str]:
     """Keys whose value in ``params.yaml`` differs from what produced the outputs."""
     return [key for key, value in stage.params.items()
-            if _lookup(params, key) != value]
-
-
-def read_curves(path: Path) -> list[tuple[int, str, float]]:
-    """(epoch, metric, value) of a per-epoch CSV; blank cells skipped."""
-    rows = []
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            epoch = int(row.pop("epoch"))
-            rows += [(epoch, key, float(value)) for key, value in row.items() if value != ""]
-    return rows
-
-
-def _record(stage: str) -> dict[str, Any] | None:
-    """``runs/<stage>.json``; for the report, which has none, its provenance section."""
-    path = run_record_path(stage)
-    if path.exists():
-        return _json(path)
-    if stage == "report" and REPORT.exists():
-        text = REPORT.read_text()
-        commit = re.search(r"^- Git commit: `([^`]*)`", text, re.M)
-        name = re.search(r"^- DVC experiment: `([^`]*)`", text, re.M)
-        run = re.search(r"^\| report \| `([0-9a-f]+)` \|", text, re.M)
-        if commit and name:
-            return {"git_commit": commit[1], "mlflow_run_id": run[1] if run else None,
-                    "dvc_exp_name": "" if name[1].startswith("(none") else name[1]}
-    return None
-
-
-def _context(stage: str) -> tuple[dict[str, str], str]:
-    """Tags of the original run and its run id (current checkout when unrecorded)."""
-    record = _record(stage) or {"git_commit": tracking.git_commit()}
-    context = {key: str(record.get(key) or "") for key in ("dvc_exp_name", "git_commit")}
-    return {**context, "dvc_stage": stage}, record.get("mlflow_run_id") or ""
+            if dvcfile.lookup(params, key, dvcfile.MISSING) != value]
 
 
 def _run_exists(client: Any, run_id: str) -> bool:
@@ -224,13 +105,16 @@ class Payload:
         return hashlib.sha256(content.encode()).hexdigest()[:20]
 
 
-def read_payload(stage: Stage, params: dict[str, Any]) -> Payload:
-    context, recorded = _context(stage.name)
+def read_payload(stage: Stage) -> Payload:
+    """The payload of ``runs/<stage>.json``, as the stage recorded it."""
+    record = read_json(run_record_path(stage.name))
+    context = {key: str(record.get(key) or "") for key in ("dvc_exp_name", "git_commit")}
     return Payload(
-        stage=stage.name, context=context, recorded=recorded,
-        params={k: str(v) for k, v in tracking.flatten(params).items()},
-        final=tracking.finite(FINAL_METRICS.get(stage.name, dict)()),
-        steps=[row for path in stage.curves() for row in read_curves(path)],
+        stage=stage.name, context={**context, "dvc_stage": stage.name},
+        recorded=record.get("mlflow_run_id") or "",
+        params={k: str(v) for k, v in record["params"].items()},
+        final=tracking.finite(record["metrics"]),
+        steps=[(int(step), str(key), float(value)) for step, key, value in record["steps"]],
     )
 
 
@@ -276,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "already replayed")
     args = parser.parse_args(argv)
 
-    from pipeline.config import ParamsError, load_params
+    from pipeline.config import load_params
+    from pipeline.errors import ParamsError
 
     try:
         params = load_params()
@@ -316,10 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 1
             continue
         try:
-            payloads.append(read_payload(stage, params))
+            payloads.append(read_payload(stage))
         except READ_ERRORS as error:
-            print(f"{stage.name}: skipped: its outputs cannot be read ({type(error).__name__}: "
-                  f"{error}); run `dvc checkout {stage.name}` or `dvc repro {stage.name}`",
+            print(f"{stage.name}: skipped: its record {run_record_path(stage.name)} cannot be "
+                  f"read ({type(error).__name__}: {error}); run `dvc checkout {stage.name}` or "
+                  f"`dvc repro {stage.name}`",
                   file=sys.stderr)
             status = 1
     if not payloads:
@@ -336,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for payload in payloads:
             outcome = log_payload(client, experiment_id, payload, args.only_missing)
             print(f"{payload.stage}: {outcome}")
-    except Exception as error:  # the store: unreachable, locked, refusing
+    except Exception as error:  # noqa: BLE001  the store: unreachable, locked, refusing
         print(f"error: MLflow at {uri} failed ({type(error).__name__}: {error}); nothing "
               "is lost, rerun with --only-missing once it works", file=sys.stderr)
         return 1

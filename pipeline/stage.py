@@ -1,6 +1,6 @@
 """What every stage does around its work: validate params first, track the run in MLflow,
-record the run ids for the report. Bad params and unusable data stop the stage with exit
-status 2 and one message, no traceback."""
+record the run (ids and what it logged) in ``runs/<stage>.json``. Bad params and unusable
+data stop the stage with exit status 2 and one message, no traceback."""
 
 from __future__ import annotations
 
@@ -9,20 +9,21 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from pipeline.artifacts import run_record_path
-from pipeline.config import ParamsError, load_params
-from pipeline.data import DataError
+from pipeline.config import load_params
+from pipeline.errors import DataError, ParamsError
 from pipeline.io import atomic_write_json
+from pipeline.runtime import resolve_device, seed_everything
 from pipeline.tracking import StageRun, stage_run
-from pipeline.training import resolve_device, seed_everything
 
 StageBody = Callable[[dict[str, Any], StageRun], None]
 
 
-def run_stage(name: str, body: StageBody, record: bool = True) -> None:
+def run_stage(name: str, body: StageBody) -> None:
     """Validate ``params.yaml`` (before any work), seed, run ``body`` inside an MLflow
-    run, then write ``runs/<name>.json`` (unless ``record`` is false: the report prints
-    its own run). Bad params, and a dataset that fails its checks (:class:`DataError`: the
-    MLflow run is then marked FAILED), exit with status 2 and one message."""
+    run, then write ``runs/<name>.json``: the run's ids and what it logged, which
+    ``python -m pipeline.replay`` replays. Bad params, and a dataset that fails its
+    checks (:class:`DataError`: the MLflow run is then marked FAILED), exit with status 2
+    and one message."""
     try:
         params = load_params()
         device = resolve_device(params["device"])
@@ -34,10 +35,9 @@ def run_stage(name: str, body: StageBody, record: bool = True) -> None:
             body(params, run)
     except DataError as error:
         _stop(error)
-    if record:
-        atomic_write_json(run_record_path(name), run.record())
+    atomic_write_json(run_record_path(name), run.record())
 
 
 def _stop(error: Exception) -> NoReturn:
-    print(f"error: {error}", file=sys.stderr)
+    sys.stderr.write(f"error: {error}\n")
     raise SystemExit(2) from None

@@ -136,8 +136,9 @@ def build_blocks(groups: Sequence[Mapping[str, Any]],
     by_setting: dict[str, list[Mapping[str, Any]]] = {}
     for group in groups:
         by_setting.setdefault(setting_of(group["params"]), []).append(group)
-    blocks = []
-    for setting in sorted(set(by_setting) | set(paper), key=lambda s: setting_order(s, paper)):
+    blocks: list[dict[str, Any]] = []
+    for setting in sorted(set(by_setting) | set(paper),
+                          key=lambda s: setting_order(s, list(paper))):
         row = paper.get(setting)
         label = row["label"] if row else EXTRA_LABELS.get(setting, setting)
         members = by_setting.get(setting, [])
@@ -149,7 +150,7 @@ def build_blocks(groups: Sequence[Mapping[str, Any]],
                 "methods": _methods(None, row)})
             continue
         differing = [k for k in _differing_params(members) if k != "setting"]
-        setting_blocks = []
+        setting_blocks: list[dict[str, Any]] = []
         for group in members:
             flat = flatten(group["params"])
             setting_blocks.append({
@@ -220,8 +221,9 @@ def header(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
         "full learning scheme and the row its Table 1 reports. **ConfidNet, phase 1** "
         "(`confidnet`) is the head trained on frozen features before fine-tuning; the paper "
         f"does not report it separately ({NO_PAPER_VALUE}).", "",
-        "Metric conventions follow `pipeline/metrics.py`: AUROC and AUPR by scikit-learn's "
-        "`roc_auc_score` and `average_precision_score` (AUPR-Error takes errors as the "
+        "Metric conventions follow `pipeline/metrics.py`: AUROC and AUPR with the "
+        "definitions of scikit-learn's `roc_auc_score` and `average_precision_score` "
+        "(AUPR-Error takes errors as the "
         "positive class, AUPR-Success correct predictions), FPR at 95% TPR exact over the "
         "ROC curve (TPR counts correct predictions accepted). Each block names the "
         "classifier its numbers rest on; the paper's classifiers' accuracies are not in "

@@ -8,7 +8,7 @@ the default store go to ``mlruns/`` beside it.
 
 Tracking never costs a result: if the store is unreachable or locked, the stage warns and
 finishes; its DVC outputs hold every number, and ``python -m pipeline.replay`` logs them
-later (see pipeline/replay.py).
+later from ``runs/<stage>.json`` (see :meth:`StageRun.record`).
 
 Failing fast: MLflow's HTTP client retries a dead server for about four minutes by default
 (7 retries with exponential backoff, 120 s timeout). Stages use 1 retry and a 10 s timeout
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import project_root
+from pipeline.runtime import project_root
 
 # MLflow client settings a stage uses unless the environment sets them (see the docstring).
 CLIENT_DEFAULTS = {
@@ -159,6 +159,11 @@ class StageRun:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.context = dvc_context()
+        # What the run logs, kept whether MLflow works or not: runs/<stage>.json records
+        # it and `python -m pipeline.replay` replays exactly that.
+        self.params: dict[str, Any] = {}
+        self.metrics: dict[str, float] = {}
+        self.steps: dict[tuple[int, str], float] = {}
         self._mlflow: Any = None
         self._pending: list[Any] = []
         self._last_flush = time.monotonic()
@@ -175,6 +180,7 @@ class StageRun:
         self._mlflow = None
 
     def start(self, experiment: str, params: Mapping[str, Any]) -> None:
+        self.params = flatten(params)
         try:
             client_defaults()
             import mlflow
@@ -187,19 +193,23 @@ class StageRun:
                                    tags={**self.context, "dvc_stage": self.stage})
             self.run_id = run.info.run_id
             self._mlflow = mlflow
-            mlflow.log_params(flatten(params))
-        except Exception as error:
+            mlflow.log_params(self.params)
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("start", error)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics (NaN dropped); per-step ones are buffered and sent in batches."""
+        clean = finite(metrics)
+        if step is None:
+            self.metrics.update(clean)
+        else:  # a resumed run logs its earlier epochs again: the last value counts
+            self.steps.update({(step, key): value for key, value in clean.items()})
         if self._mlflow is None:
             return
-        clean = finite(metrics)
         if step is None:
             try:
                 self._mlflow.log_metrics(clean)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001  tracking never costs a result
                 self._fail("log_metrics", error)
             return
         from mlflow.entities import Metric
@@ -219,7 +229,7 @@ class StageRun:
             client = self._mlflow.MlflowClient()
             for start in range(0, len(pending), 1000):
                 client.log_batch(self.run_id, metrics=pending[start:start + 1000])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("log_batch", error)
 
     def log_artifact(self, path: Path | str) -> None:
@@ -227,7 +237,7 @@ class StageRun:
             return
         try:
             self._mlflow.log_artifact(str(path))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("log_artifact", error)
 
     def end(self, status: str) -> None:
@@ -236,19 +246,23 @@ class StageRun:
             return
         try:
             self._mlflow.end_run(status=status)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  tracking never costs a result
             self._fail("end_run", error)
 
     def record(self) -> dict[str, Any]:
-        """What the report needs to point at this run."""
+        """Where this run went (for the report) and what it logged (for replay): the
+        flattened params, the final metrics and the per-step ones as ``[step, name,
+        value]``."""
         return {"stage": self.stage, "mlflow_run_id": self.run_id,
-                "mlflow_experiment_id": self.experiment_id, **self.context}
+                "mlflow_experiment_id": self.experiment_id, **self.context,
+                "params": self.params, "metrics": self.metrics,
+                "steps": [[step, key, value] for (step, key), value in self.steps.items()]}
 
 
 @contextmanager
 def _first_use_lock(uri: str) -> Iterator[None]:
     """Serialise the first opening of a SQLite store: MLflow's schema creation races when
-    several processes open a fresh database at once (shared notes)."""
+    several processes open a fresh database at once (seen with MLflow 3 on SQLite)."""
     if not uri.startswith("sqlite:///"):
         yield
         return

@@ -4,8 +4,6 @@ loops run on CPU here and on a GPU machine; nothing assumes a single process."""
 from __future__ import annotations
 
 import copy
-import os
-import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,31 +16,11 @@ from tqdm.auto import tqdm
 
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
-from pipeline.data import Split
 from pipeline.metrics import aupr_error
+from pipeline.prepared import Split
+from pipeline.runtime import resolve_device, seed_everything  # noqa: F401  (re-exported)
 
 EpochLogger = Callable[[int, dict[str, float]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit ``cuda`` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device = {name!r} but CUDA is not available; use auto or cpu")
-    return device
-
-
-def seed_everything(seed: int, device: torch.device | None = None) -> None:
-    """Seed Python, numpy and torch. On CUDA, also ask for deterministic kernels (CPU
-    kernels of the ops used here already are; the switch costs ~2 s of imports)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if device is not None and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -110,7 +88,7 @@ def _training_state(model: nn.Module, optimiser: torch.optim.Optimizer,
     """Everything an epoch boundary depends on: weights, optimiser, learning-rate schedule,
     the generator of batch order and augmentations, torch's global RNG (dropout) and the
     result so far. The loops draw from no Python or numpy RNG, so those are not saved."""
-    state = {
+    state: dict[str, Any] = {
         "model": model.state_dict(),
         "optimiser": optimiser.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -146,11 +124,11 @@ def _resume(checkpointer: Checkpointer | None, model: nn.Module,
             and len(cuda_rng) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_rng)
     result = FitResult(**state["result"])
-    print(f"resuming {checkpointer.stage} from epoch {done + 1} of {epochs} "
-          f"({checkpointer.folder})", file=sys.stderr, flush=True)
+    sys.stderr.write(f"resuming {checkpointer.stage} from epoch {done + 1} of {epochs} "
+                     f"({checkpointer.folder})\n")
     for row in result.history:
         if row["epoch"] > 0:
-            log(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+            log(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
     return done, result
 
 

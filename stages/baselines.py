@@ -10,12 +10,12 @@ from typing import Any
 from pipeline.artifacts import BASELINE_SCORES, CLASSIFIER, DATA
 from pipeline.baselines import SCORERS, ScoringContext, fit_temperature
 from pipeline.data import load_dataset
-from pipeline.features import load_features
 from pipeline.io import atomic_write_npz
 from pipeline.models import load_classifier
+from pipeline.outputs import load_features
+from pipeline.runtime import resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
-from pipeline.training import resolve_device
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:

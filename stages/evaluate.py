@@ -4,14 +4,17 @@ against each baseline."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.artifacts import BASELINE_SCORES, CONFIDNET_SCORES, FINETUNED_SCORES, METRICS, PLOTS
-from pipeline.features import load_features
-from pipeline.io import atomic_write_json, atomic_write_text, load_npz, rows_csv
+from pipeline.artifacts import (
+    INTERVALS,
+    PR_ERROR,
+    RISK_COVERAGE,
+    SIGNIFICANCE,
+    TEST_METRICS,
+    VALIDATION_METRICS,
+)
+from pipeline.io import atomic_write_json, atomic_write_text, rows_csv
 from pipeline.methods import CHALLENGERS, ORACLES
 from pipeline.metrics import (
     METRIC_NAMES,
@@ -21,13 +24,9 @@ from pipeline.metrics import (
     pr_error_curve,
     risk_coverage_curve,
 )
+from pipeline.outputs import load_features, load_scores
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, evaluation_metrics
-
-
-def load_scores() -> dict[str, dict[str, np.ndarray]]:
-    files = [*sorted(Path(BASELINE_SCORES).glob("*.npz")), CONFIDNET_SCORES, FINETUNED_SCORES]
-    return {path.stem: load_npz(path) for path in files}
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
@@ -42,8 +41,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         }
     # Test metrics are the DVC metrics that `dvc exp show` compares; validation ones are
     # kept beside them for model-selection diagnostics.
-    atomic_write_json(METRICS / "evaluate.json", results["test"])
-    atomic_write_json(METRICS / "validation.json", results["val"])
+    atomic_write_json(TEST_METRICS, results["test"])
+    atomic_write_json(VALIDATION_METRICS, results["val"])
 
     # One bootstrap for everything: each resample scores every method on the same samples,
     # so the intervals and the paired differences agree with each other.
@@ -51,7 +50,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
                             params["evaluate"]["bootstrap_resamples"], params["seed"])
     intervals = {m: {name: percentile_interval(d[:, j]) for j, name in enumerate(METRIC_NAMES)}
                  for m, d in draws.items()}
-    atomic_write_json(METRICS / "intervals.json", intervals)
+    atomic_write_json(INTERVALS, intervals)
 
     test = results["test"]["methods"]
     significance: dict[str, Any] = {}
@@ -66,7 +65,7 @@ def body(params: dict[str, Any], run: StageRun) -> None:
                     "difference": test[challenger][metric] - test[baseline][metric],
                     "ci_low": low, "ci_high": high, "significant": bool(low > 0 or high < 0),
                 }
-    atomic_write_json(METRICS / "significance.json", significance)
+    atomic_write_json(SIGNIFICANCE, significance)
 
     rc_rows, pr_rows = [], []
     for method, s in scores.items():
@@ -76,13 +75,13 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         precision, recall = pr_error_curve(s["test"], correct["test"])
         pr_rows += [{"method": method, "recall": r, "precision": p}
                     for r, p in zip(recall, precision, strict=True)]
-    atomic_write_text(PLOTS / "risk_coverage.csv", rows_csv(rc_rows))
-    atomic_write_text(PLOTS / "pr_error.csv", rows_csv(pr_rows))
+    atomic_write_text(RISK_COVERAGE, rows_csv(rc_rows))
+    atomic_write_text(PR_ERROR, rows_csv(pr_rows))
 
     run.log_metrics(evaluation_metrics(results, intervals))
-    run.log_artifact(METRICS / "evaluate.json")
-    run.log_artifact(METRICS / "significance.json")
-    run.log_artifact(METRICS / "intervals.json")
+    run.log_artifact(TEST_METRICS)
+    run.log_artifact(SIGNIFICANCE)
+    run.log_artifact(INTERVALS)
 
 
 if __name__ == "__main__":

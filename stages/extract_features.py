@@ -6,11 +6,12 @@ from typing import Any
 
 from pipeline.artifacts import CLASSIFIER, DATA
 from pipeline.data import SPLITS, load_dataset
-from pipeline.features import extract, save_features
+from pipeline.features import extract
 from pipeline.models import load_classifier
+from pipeline.outputs import save_features
+from pipeline.runtime import resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
-from pipeline.training import resolve_device
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:

@@ -19,9 +19,9 @@ from pipeline.artifacts import (
     CONFIDNET,
     CONFIDNET_FINETUNED,
     DATA,
+    FINETUNE_CURVES,
+    FINETUNE_METRICS,
     FINETUNED_SCORES,
-    METRICS,
-    PLOTS,
 )
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
@@ -34,12 +34,12 @@ from pipeline.io import (
     atomic_write_text,
     history_csv,
 )
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, loss_kwargs
 from pipeline.models import ConfidNetHead, ConfidNetModel, load_classifier
+from pipeline.runtime import resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, confidnet_summary_metrics
-from pipeline.training import confidence_scores, fit_confidence, resolve_device
-from stages.train_confidnet import loss_kwargs
+from pipeline.training import confidence_scores, fit_confidence
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
@@ -73,8 +73,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     start = result.history[0]["val_aupr_error"]
     summary = {"best_epoch": result.best_epoch, "val_aupr_error": result.best_value,
                "val_aupr_error_before": start}
-    atomic_write_json(METRICS / "finetune.json", summary)
-    atomic_write_text(PLOTS / "finetune_curves.csv", history_csv(result.history))
+    atomic_write_json(FINETUNE_METRICS, summary)
+    atomic_write_text(FINETUNE_CURVES, history_csv(result.history))
     run.log_metrics(confidnet_summary_metrics(summary))
     run.log_artifact(CONFIDNET_FINETUNED)
     checkpointer.clear()  # outputs written: nothing left to resume

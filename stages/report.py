@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.artifacts import DATA, FIGURES, METRICS, REPORT, RUNS
-from pipeline.features import load_features
-from pipeline.io import atomic_write_text
+from pipeline.artifacts import (
+    CLASSIFIER_METRICS,
+    CONFIDNET_METRICS,
+    DATA,
+    FIGURES,
+    FINETUNE_METRICS,
+    INTERVALS,
+    REPORT,
+    SIGNIFICANCE,
+    STAGE_ORDER,
+    TEST_METRICS,
+    VALIDATION_METRICS,
+    run_record_path,
+)
+from pipeline.io import atomic_write_text, read_json
+from pipeline.outputs import load_features, load_scores
 from pipeline.report import (
     paper_rows,
     paper_table,
@@ -22,30 +33,23 @@ from pipeline.report import (
 )
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, tracking_uri
-from stages.evaluate import load_scores
-
-STAGE_ORDER = ("download", "train_classifier", "extract_features", "train_confidnet",
-               "finetune", "baselines", "evaluate")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
 
 
 def render(params: dict[str, Any], this_run: StageRun) -> str:
-    evaluation = read_json(METRICS / "evaluate.json")
-    validation = read_json(METRICS / "validation.json")
-    intervals = read_json(METRICS / "intervals.json")
-    significance = read_json(METRICS / "significance.json")
-    classifier = read_json(METRICS / "classifier.json")
-    confidnet = read_json(METRICS / "train_confidnet.json")
-    finetune = read_json(METRICS / "finetune.json")
+    evaluation = read_json(TEST_METRICS)
+    validation = read_json(VALIDATION_METRICS)
+    intervals = read_json(INTERVALS)
+    significance = read_json(SIGNIFICANCE)
+    classifier = read_json(CLASSIFIER_METRICS)
+    confidnet = read_json(CONFIDNET_METRICS)
+    finetune = read_json(FINETUNE_METRICS)
     split = read_json(DATA / "split.json")
     test, test_errors = evaluation["methods"], evaluation["errors"]
     scores = load_scores()
     test_features = load_features("test")
     figures = save_figures(FIGURES, scores, test_features.correct, scores["tcp_oracle"]["test"])
-    records = [read_json(RUNS / f"{s}.json") for s in STAGE_ORDER if (RUNS / f"{s}.json").exists()]
+    records = [read_json(run_record_path(s)) for s in STAGE_ORDER[:-1]
+               if run_record_path(s).exists()]
     records.append(this_run.record())
 
     out = [f"# Failure prediction with ConfidNet: `{params['setting']}`", ""]
@@ -81,7 +85,8 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
         f"seed {params['seed']}). Best value per column in bold "
         "(the TCP oracle, which reads the label, excluded); a bold value is not a win unless "
         "the paired comparison below says so. Lower is better for FPR, AURC, E-AURC, AUGRC. "
-        "Conventions: AUROC and AUPR as scikit-learn computes them (the authors' choice); "
+        "Conventions: AUROC and AUPR with scikit-learn's definitions (the authors' choice; "
+        "computed in-house, tested against scikit-learn); "
         "FPR at 95% TPR exact on the ROC curve; AURC with tied scores entering together, "
         "E-AURC against the exact oracle of the same convention, AUGRC as in Traub et al. "
         "(2024); the *authors* columns follow valeoai/ConfidNet's code (strict thresholds, "
@@ -135,4 +140,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("report", body, record=False)
+    run_stage("report", body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.artifacts import CLASSIFIER, DATA, METRICS, PLOTS
+from pipeline.artifacts import CLASSIFIER, CLASSIFIER_CURVES, CLASSIFIER_METRICS, DATA
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
@@ -30,8 +30,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     best = result.history[result.best_epoch - 1]
     summary = {"best_epoch": result.best_epoch, "val_accuracy": best["val_accuracy"],
                "train_accuracy": best["train_accuracy"]}
-    atomic_write_json(METRICS / "classifier.json", summary)
-    atomic_write_text(PLOTS / "classifier_curves.csv", history_csv(result.history))
+    atomic_write_json(CLASSIFIER_METRICS, summary)
+    atomic_write_text(CLASSIFIER_CURVES, history_csv(result.history))
     run.log_metrics(classifier_summary_metrics(summary))
     run.log_artifact(CLASSIFIER)
     checkpointer.clear()  # outputs written: nothing left to resume

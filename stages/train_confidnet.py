@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import CLASSIFIER, CONFIDNET, CONFIDNET_SCORES, DATA, METRICS, PLOTS
+from pipeline.artifacts import (
+    CLASSIFIER,
+    CONFIDNET,
+    CONFIDNET_CURVES,
+    CONFIDNET_METRICS,
+    CONFIDNET_SCORES,
+    DATA,
+)
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
@@ -47,17 +54,12 @@ from pipeline.io import (
     atomic_write_text,
     history_csv,
 )
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, loss_kwargs
 from pipeline.models import ConfidNetHead, load_classifier
+from pipeline.runtime import resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, confidnet_summary_metrics
-from pipeline.training import Relabel, confidence_scores, fit_confidence, resolve_device
-
-
-def loss_kwargs(params: dict[str, Any]) -> dict[str, float]:
-    cfg = params["confidnet"]
-    return {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"],
-            "error_weight": cfg["error_weight"]}
+from pipeline.training import Relabel, confidence_scores, fit_confidence
 
 
 def per_batch_targets(params: dict[str, Any], device: torch.device,
@@ -72,8 +74,8 @@ def per_batch_targets(params: dict[str, Any], device: torch.device,
     augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
     dropout = params["confidnet"]["features"] == "dropout"
     if dropout and not augment.active and classifier.dropout_only_on_features:
-        print(f"phase 1: dropout applied to the cached features (exact for "
-              f"{type(classifier).__name__}: no encoder pass)", file=sys.stderr, flush=True)
+        sys.stderr.write(f"phase 1: dropout applied to the cached features (exact for "
+                         f"{type(classifier).__name__}: no encoder pass)\n")
         return cached, FeatureDropoutTargets(classifier, params["criterion"])
     return dataset["train"].x, AugmentedTargets(classifier, augment, params["criterion"],
                                                 features=True, dropout=dropout)
@@ -106,8 +108,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         "train_errors": int((1 - train.correct).sum()),
         "train_size": len(train.correct),
     }
-    atomic_write_json(METRICS / "train_confidnet.json", summary)
-    atomic_write_text(PLOTS / "confidnet_curves.csv", history_csv(result.history))
+    atomic_write_json(CONFIDNET_METRICS, summary)
+    atomic_write_text(CONFIDNET_CURVES, history_csv(result.history))
     run.log_metrics(confidnet_summary_metrics(summary))
     run.log_artifact(CONFIDNET)
     checkpointer.clear()  # outputs written: nothing left to resume

@@ -348,3 +348,30 @@ def test_error_weight_multiplies_the_errors_terms(name: str) -> None:
     torch.testing.assert_close(LOSSES[name](logit, target, correct, error_weight=1.0),
                                terms.mean())
     assert got > LOSSES[name](logit, target, correct)
+
+
+def _focal_by_hand(logit: torch.Tensor, correct: torch.Tensor, alpha: float,
+                   gamma: float) -> torch.Tensor:
+    """The focal loss as written before torchvision's: alpha_t (1 - p_t)^gamma BCE, p_t the
+    probability given to the true binary label ('correct' positive)."""
+    y = correct.to(logit.dtype)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
+    p_t = torch.exp(-bce)
+    alpha_t = alpha * y + (1 - alpha) * (1 - y)
+    return (alpha_t * (1 - p_t) ** gamma * bce).mean()
+
+
+@pytest.mark.parametrize(("alpha", "gamma"), [(0.25, 5.0), (0.5, 2.0), (0.9, 0.0)])
+def test_focal_loss_is_torchvisions_and_equals_the_hand_written_one(alpha: float,
+                                                                    gamma: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logit = torch.randn(512, generator=generator, dtype=torch.float64) * 4
+    correct = (torch.rand(512, generator=generator) < 0.8).long()
+    target = torch.rand(512, generator=generator, dtype=torch.float64)
+    got = LOSSES["focal"](logit, target, correct, focal_alpha=alpha, focal_gamma=gamma)
+    torch.testing.assert_close(got, _focal_by_hand(logit, correct, alpha, gamma),
+                               rtol=1e-10, atol=1e-12)
+    float32 = logit.float()  # the dtype training uses
+    torch.testing.assert_close(
+        LOSSES["focal"](float32, target, correct, focal_alpha=alpha, focal_gamma=gamma),
+        _focal_by_hand(float32, correct, alpha, gamma), rtol=1e-5, atol=1e-7)
