@@ -82,15 +82,16 @@ def test_predictions(result: ExperimentResult, methods: Sequence[str],
 def wall_times(names: Sequence[str]) -> dict[str, float | None]:
     """Seconds from the first stage's start to the last stage's end of each experiment,
     from the MLflow runs its stages logged (tag ``dvc_exp_name``); None when not found."""
-    from pipeline.config import project_root
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.runtime import project_root
     from pipeline.tracking import tracking_uri, uses_default_store
 
     uri = tracking_uri()
     if uses_default_store(uri) and not (project_root() / "mlflow.db").exists():
         return dict.fromkeys(names)  # nothing was tracked here; do not create a store
     try:
-        import mlflow
-
         client = mlflow.MlflowClient(uri)
         experiments = [e.experiment_id for e in client.search_experiments()]
         out: dict[str, float | None] = {}
@@ -101,7 +102,7 @@ def wall_times(names: Sequence[str]) -> dict[str, float | None]:
             out[name] = ((max(ends) - min(r.info.start_time for r in runs)) / 1000
                          if runs and ends else None)
         return out
-    except Exception:  # a missing or unreadable store only loses the timing
+    except (MlflowException, OSError):  # an unreachable store only loses the timing
         return dict.fromkeys(names)
 
 
