@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from pipeline.artifacts import (
 )
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.metrics import seed_paired_bootstrap
+from pipeline.report import paper_table, percent
 
 MEASURED = REPORTS / "measured"
 CHALLENGERS = ("confidnet_finetuned", "confidnet")
@@ -183,8 +183,10 @@ def _commits(row: Mapping[str, Any]) -> str:
     return "commits " + ", ".join(f"`{c[:12]}` ({name})" for name, c in commits.items())
 
 
-def _pct(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.{digits}f}"
+def paper_row(setting: str) -> dict[str, Any] | None:
+    """The paper's Table 1 row of ``setting`` itself (no closest-setting stand-in)."""
+    found = paper_table(setting)
+    return found[1] if found and found[0] == setting else None
 
 
 def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
@@ -208,12 +210,12 @@ def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
         for metric, _ in PAPER_METRICS:
             stats = row["methods"][method].get(metric, {})
             theirs = paper_row.get(metric)
-            cells.append(f"{_pct(stats.get('mean'))} ± {_pct(stats.get('std'))} "
+            cells.append(f"{percent(stats.get('mean'))} ± {percent(stats.get('std'))} "
                          f"({'—' if theirs is None else f'{theirs:.2f}'})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     accuracy = row["methods"].get("mcp", {}).get("accuracy", {})
-    lines += ["", f"Classifier test accuracy {_pct(accuracy.get('mean'))} ± "
-              f"{_pct(accuracy.get('std'))}%; test errors per seed: "
+    lines += ["", f"Classifier test accuracy {percent(accuracy.get('mean'))} ± "
+              f"{percent(accuracy.get('std'))}%; test errors per seed: "
               f"{', '.join(map(str, row['test_errors']))} of {row['test_sizes'][0]}.", "",
               "## Per seed (test AUPR-Error, %)", "",
               "| Seed | experiment | errors | "
@@ -221,7 +223,7 @@ def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
               + " | wall time |",
               "|---" * (len([m for m, _ in ROWS if m in row["methods"]]) + 4) + "|"]
     for i, seed in enumerate(seeds):
-        values = [_pct(row["methods"][m]["aupr_error"]["per_seed"][i])
+        values = [percent(row["methods"][m]["aupr_error"]["per_seed"][i])
                   for m, _ in ROWS if m in row["methods"]]
         wall = row["wall_time_s"].get(row["experiments"][i])
         minutes = "n/a" if wall is None else f"{wall / 60:.0f} min"
@@ -259,7 +261,7 @@ def summary(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
         cells = []
         for metric in ("aupr_error", "auroc", "fpr_at_95tpr"):
             stats, theirs = row["methods"][method][metric], paper_row.get(metric)
-            cells.append(f"{_pct(stats['mean'])} ± {_pct(stats['std'])} "
+            cells.append(f"{percent(stats['mean'])} ± {percent(stats['std'])} "
                          f"({'—' if theirs is None else f'{theirs:.2f}'})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -289,16 +291,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--all-commits", action="store_true",
                         help="include experiments of every commit, not only HEAD's")
     args = parser.parse_args(argv)
-    from pipeline.table1 import load_paper_table1
-
     results = select(parse_exp_show(exp_show(all_commits=args.all_commits)), args.setting,
                      args.experiments)
     resamples = args.resamples or results[0].params["evaluate"]["bootstrap_resamples"]
     row = measure(results, resamples)
     out = args.out / f"{args.setting}.json"
     atomic_write_json(out, row)
-    atomic_write_text(out.with_suffix(".md"),
-                      render(row, load_paper_table1().get(args.setting)))
+    atomic_write_text(out.with_suffix(".md"), render(row, paper_row(args.setting)))
     print(f"wrote {out} and {out.with_suffix('.md')} ({len(results)} seeds)")
 
 
