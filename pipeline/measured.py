@@ -79,31 +79,38 @@ def test_predictions(result: ExperimentResult, methods: Sequence[str],
     return scores, correct
 
 
-def wall_times(names: Sequence[str]) -> dict[str, float | None]:
-    """Seconds from the first stage's start to the last stage's end of each experiment,
-    from the MLflow runs its stages logged (tag ``dvc_exp_name``); None when not found."""
+def wall_times(names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Seconds each stage of each experiment ran, from the finished MLflow runs its stages
+    logged (tags ``dvc_exp_name``, ``dvc_stage``). A stage DVC restored from its run cache
+    did not run, so it has no time here; an untracked experiment has none at all."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipeline.runtime import project_root
     from pipeline.tracking import tracking_uri, uses_default_store
 
+    empty: dict[str, dict[str, float]] = {name: {} for name in names}
     uri = tracking_uri()
     if uses_default_store(uri) and not (project_root() / "mlflow.db").exists():
-        return dict.fromkeys(names)  # nothing was tracked here; do not create a store
+        return empty  # nothing was tracked here; do not create a store
     try:
         client = mlflow.MlflowClient(uri)
         experiments = [e.experiment_id for e in client.search_experiments()]
-        out: dict[str, float | None] = {}
         for name in names:
-            runs = client.search_runs(experiments, f"tags.dvc_exp_name = '{name}'",
-                                      max_results=100)
-            ends = [r.info.end_time for r in runs if r.info.end_time]
-            out[name] = ((max(ends) - min(r.info.start_time for r in runs)) / 1000
-                         if runs and ends else None)
-        return out
+            for run in client.search_runs(experiments, f"tags.dvc_exp_name = '{name}'",
+                                          max_results=100):
+                if run.info.status == "FINISHED" and run.info.end_time:
+                    stage = run.data.tags.get("dvc_stage", run.info.run_name)
+                    empty[name][stage] = (run.info.end_time - run.info.start_time) / 1000
+        return empty
     except (MlflowException, OSError):  # an unreachable store only loses the timing
-        return dict.fromkeys(names)
+        return {name: {} for name in names}
+
+
+def _minutes(stages: Mapping[str, float]) -> str:
+    if not stages:
+        return "n/a"
+    return f"{sum(stages.values()) / 60:.0f} min ({', '.join(stages)})"
 
 
 def select(results: Sequence[ExperimentResult], setting: str,
@@ -220,13 +227,12 @@ def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
               "## Per seed (test AUPR-Error, %)", "",
               "| Seed | experiment | errors | "
               + " | ".join(label for method, label in ROWS if method in row["methods"])
-              + " | wall time |",
+              + " | wall time (stages that ran) |",
               "|---" * (len([m for m, _ in ROWS if m in row["methods"]]) + 4) + "|"]
     for i, seed in enumerate(seeds):
         values = [percent(row["methods"][m]["aupr_error"]["per_seed"][i])
                   for m, _ in ROWS if m in row["methods"]]
-        wall = row["wall_time_s"].get(row["experiments"][i])
-        minutes = "n/a" if wall is None else f"{wall / 60:.0f} min"
+        minutes = _minutes(row["wall_time_s"].get(row["experiments"][i], {}))
         lines.append(f"| {seed} | {row['experiments'][i]} | {row['test_errors'][i]} | "
                      + " | ".join(values) + f" | {minutes} |")
     lines += ["", "## ConfidNet against each baseline, pooled over the seeds", "",

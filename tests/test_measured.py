@@ -126,7 +126,9 @@ def _row() -> dict:
             "test_errors": [180, 190], "test_sizes": [10000, 10000], "methods": methods,
             "paired": {"confidnet_finetuned-mcp": {"aupr_error": {
                 "mean_diff": 0.09, "ci": [0.04, 0.14], "per_seed": [0.08, 0.10]}}},
-            "bootstrap": {"resamples": 1000}, "wall_time_s": {"a": 3000.0, "b": None}}
+            "bootstrap": {"resamples": 1000},
+            "wall_time_s": {"a": {"train_classifier": 600.0, "train_confidnet": 2400.0},
+                            "b": {}}}
 
 
 def test_render_puts_the_papers_value_beside_ours() -> None:
@@ -137,7 +139,9 @@ def test_render_puts_the_papers_value_beside_ours() -> None:
     assert "| ConfidNet, phase 1 | 50.00 ± 1.00 (—)" in md  # not in the paper
     assert ("| ConfidNet − MCP | aupr_error | +9.00 | [+4.00, +14.00] | +8.00, +10.00 "
             "| better |") in md
-    assert "| 0 | a | 180 |" in md and "50 min" in md and "n/a |" in md
+    assert "| 0 | a | 180 |" in md and "50 min (train_classifier, train_confidnet)" in md
+    assert "| 1 | b | 190 |" in md and md.split("| 1 | b | 190 |")[1].split("\n")[0].endswith(
+        "| n/a |")
 
 
 def test_table1_lays_out_committed_rows(tmp_path: Path) -> None:
