@@ -14,6 +14,11 @@ values, and a paired bootstrap of ConfidNet against each baseline pooled over th
 (:func:`pipeline.metrics.seed_paired_bootstrap`: every seed's test set is resampled
 within that seed, and the statistic is the mean over seeds of the per-seed difference).
 ``python -m pipeline.table1 --measured reports/measured`` builds Table 1 from these files.
+
+Each seed's test predictions are committed beside the row
+(``reports/measured/<setting>/<experiment>.npz``), so seeds run later, in another clone
+without this one's DVC cache, pool with the committed ones: run the new seeds, then the
+same command (``--fresh`` starts the row over).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import io
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ from pipeline.artifacts import (
     REPORTS,
     features_path,
 )
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text, load_npz
 from pipeline.metrics import seed_paired_bootstrap
 from pipeline.report import paper_table, percent
 
@@ -70,13 +76,58 @@ def read_npz(path: Path, rev: str, repo: str = ".") -> dict[str, np.ndarray]:
         return {k: arrays[k] for k in arrays.files}
 
 
-def test_predictions(result: ExperimentResult, methods: Sequence[str],
-                     repo: str = ".") -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Each method's test scores and the classifier's test correctness of one experiment."""
-    test = read_npz(features_path("test"), result.rev, repo)
-    correct = (test["logits"].argmax(axis=1) == test["labels"]).astype(np.int64)
-    scores = {m: read_npz(score_path(m), result.rev, repo)["test"] for m in methods}
-    return scores, correct
+@dataclass(frozen=True)
+class SeedRun:
+    """One seed of a measured row: its experiment's metrics and params, and the test
+    predictions the paired bootstrap needs (each method's scores, the classifier's
+    correctness)."""
+
+    result: ExperimentResult
+    scores: dict[str, np.ndarray]
+    correct: np.ndarray
+    wall_time_s: dict[str, float]
+
+
+def from_experiments(results: Sequence[ExperimentResult], repo: str = ".") -> list[SeedRun]:
+    """The seed runs of finished DVC experiments: test predictions from DVC's cache,
+    stage wall times from MLflow."""
+    times = wall_times([r.name for r in results])
+    runs = []
+    for result in results:
+        test = read_npz(features_path("test"), result.rev, repo)
+        correct = (test["logits"].argmax(axis=1) == test["labels"]).astype(np.int64)
+        methods = [m for m in (*BASELINES, *CHALLENGERS) if m in result.test["methods"]]
+        scores = {m: read_npz(score_path(m), result.rev, repo)["test"] for m in methods}
+        runs.append(SeedRun(result, scores, correct, times[result.name]))
+    return runs
+
+
+def predictions_path(folder: Path, setting: str, experiment: str) -> Path:
+    return folder / setting / f"{experiment}.npz"
+
+
+def save_predictions(folder: Path, setting: str, runs: Sequence[SeedRun]) -> None:
+    """Commit-sized test predictions of every run (a few hundred kB each), so a later
+    session can pool new seeds with these without their DVC cache."""
+    for run in runs:
+        atomic_write_npz(predictions_path(folder, setting, run.result.name),
+                         correct=run.correct, **run.scores)
+
+
+def committed_runs(folder: Path, setting: str) -> list[SeedRun]:
+    """The seed runs of the committed row of ``setting`` (none if it has no row)."""
+    path = folder / f"{setting}.json"
+    if not path.exists():
+        return []
+    row = json.loads(path.read_text())
+    runs = []
+    for entry in row["runs"]:
+        arrays = load_npz(predictions_path(folder, setting, entry["experiment"]))
+        result = ExperimentResult(entry["experiment"], {**row["params"], "seed": entry["seed"]},
+                                  entry["test"], "", entry["git_commit"])
+        runs.append(SeedRun(result, {k: v for k, v in arrays.items() if k != "correct"},
+                            arrays["correct"], entry["wall_time_s"]))
+    return runs
 
 
 def wall_times(names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -114,9 +165,9 @@ def _minutes(stages: Mapping[str, float]) -> str:
 
 
 def select(results: Sequence[ExperimentResult], setting: str,
-           names: Sequence[str] | None) -> list[ExperimentResult]:
+           names: Sequence[str] | None, required: bool = True) -> list[ExperimentResult]:
     """The experiments of ``setting`` at the full budget (or exactly ``names``), which
-    must share every param but ``seed``."""
+    must share every param but ``seed``; none is an error only if ``required``."""
     if names:
         chosen = [r for r in results if r.name in names]
         missing = sorted(set(names) - {r.name for r in chosen})
@@ -126,6 +177,8 @@ def select(results: Sequence[ExperimentResult], setting: str,
         chosen = [r for r in results if r.params.get("setting") == setting
                   and r.params.get("budget") == "full" and r.name != "workspace"]
     groups = aggregate(chosen)
+    if not chosen and not required:
+        return []
     if not chosen:
         raise SystemExit(f"error: no finished experiment with setting={setting} and "
                          "budget=full; run them first (see `python -m pipeline.measured -h`)")
@@ -135,12 +188,19 @@ def select(results: Sequence[ExperimentResult], setting: str,
     return sorted(chosen, key=lambda r: r.params["seed"])
 
 
-def measure(results: Sequence[ExperimentResult], resamples: int, seed: int = 0,
-            repo: str = ".") -> dict[str, Any]:
-    """The measured row of ``results`` (one setting, several seeds): see the module doc."""
-    group = aggregate(results)[0]
+def measure(runs: Sequence[SeedRun], resamples: int, seed: int = 0) -> dict[str, Any]:
+    """The measured row of ``runs`` (one setting, several seeds): see the module doc."""
+    runs = sorted(runs, key=lambda r: r.result.params["seed"])
+    results = [r.result for r in runs]
+    groups = aggregate(results)
+    if len(groups) != 1:
+        raise SystemExit("error: the runs differ in more than the seed; aggregate them apart")
+    seeds = [r.params["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: a seed appears more than once ({seeds}); pass the "
+                         "experiments to keep with --experiments")
+    group = groups[0]
     methods = [m for m in (*BASELINES, *CHALLENGERS) if m in group["methods"]]
-    predictions = [test_predictions(r, methods, repo) for r in results]
     summary = {}
     for method in methods:
         summary[method] = {
@@ -152,11 +212,11 @@ def measure(results: Sequence[ExperimentResult], resamples: int, seed: int = 0,
         for baseline in BASELINES:
             if challenger in methods and baseline in methods:
                 paired[f"{challenger}-{baseline}"] = seed_paired_bootstrap(
-                    [p[0][challenger] for p in predictions], [p[0][baseline] for p in predictions],
-                    [p[1] for p in predictions], PAIRED_METRICS, resamples, seed)
+                    [r.scores[challenger] for r in runs], [r.scores[baseline] for r in runs],
+                    [r.correct for r in runs], PAIRED_METRICS, resamples, seed)
     return {
         "setting": group["params"]["setting"],
-        "seeds": [r.params["seed"] for r in results],
+        "seeds": seeds,
         "experiments": [r.name for r in results],
         "git_commit": results[0].baseline,
         # experiments queued at different commits (code that changes no stage's result,
@@ -170,7 +230,10 @@ def measure(results: Sequence[ExperimentResult], resamples: int, seed: int = 0,
         "bootstrap": {"resamples": resamples, "seed": seed,
                       "scheme": "within-seed resampling of the test set, mean over seeds "
                                 "of the per-seed difference; 95% percentile interval"},
-        "wall_time_s": wall_times([r.name for r in results]),
+        "wall_time_s": {r.result.name: r.wall_time_s for r in runs},
+        "runs": [{"experiment": r.result.name, "seed": r.result.params["seed"],
+                  "git_commit": r.result.baseline, "test": r.result.test,
+                  "wall_time_s": r.wall_time_s} for r in runs],
     }
 
 
@@ -296,15 +359,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=MEASURED)
     parser.add_argument("--all-commits", action="store_true",
                         help="include experiments of every commit, not only HEAD's")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore the committed row's seeds instead of pooling with them")
     args = parser.parse_args(argv)
+    committed = [] if args.fresh else committed_runs(args.out, args.setting)
     results = select(parse_exp_show(exp_show(all_commits=args.all_commits)), args.setting,
-                     args.experiments)
-    resamples = args.resamples or results[0].params["evaluate"]["bootstrap_resamples"]
-    row = measure(results, resamples)
+                     args.experiments, required=not committed)
+    new = from_experiments(results)
+    names = {r.result.name for r in new}
+    runs = [r for r in committed if r.result.name not in names] + new
+    resamples = args.resamples or runs[0].result.params["evaluate"]["bootstrap_resamples"]
+    row = measure(runs, resamples)
     out = args.out / f"{args.setting}.json"
+    save_predictions(args.out, args.setting, new)
     atomic_write_json(out, row)
     atomic_write_text(out.with_suffix(".md"), render(row, paper_row(args.setting)))
-    print(f"wrote {out} and {out.with_suffix('.md')} ({len(results)} seeds)")
+    print(f"wrote {out} and {out.with_suffix('.md')}: {len(runs)} seeds "
+          f"({len(new)} from experiments, {len(runs) - len(new)} from the committed row)")
 
 
 def load_measured(folder: Path = MEASURED) -> list[dict[str, Any]]:

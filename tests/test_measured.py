@@ -100,12 +100,28 @@ def test_measured_row_from_real_dvc_experiments(tmp_path: Path) -> None:
     assert "| ConfidNet |" in md and "better" in md
     assert f"{100 * np.mean(per_seed['confidnet_finetuned']):.2f} ±" in md
 
+    # A seed run later pools with the committed ones, read from the committed predictions:
+    # the first three experiments are gone from this repository by then.
+    assert sorted(p.name for p in (tmp_path / "reports/measured/toy").iterdir()) == sorted(
+        f"{name}.npz" for name in row["experiments"])
+    run(tmp_path, ["dvc", "exp", "remove", *row["experiments"]])
+    run(tmp_path, ["dvc", "exp", "run", "-S", "seed=4", "-S", "setting=toy"])
+    done = run(tmp_path, ["python", "-m", "pipeline.measured", "toy"])
+    assert "4 seeds (1 from experiments, 3 from the committed row)" in done.stdout
+    pooled = json.loads((tmp_path / "reports/measured/toy.json").read_text())
+    assert pooled["seeds"] == [0, 1, 2, 4]
+    assert pooled["methods"]["mcp"]["aupr_error"]["per_seed"][:3] == pytest.approx(
+        per_seed["mcp"])
+    four = pooled["paired"]["confidnet_finetuned-mcp"]["aupr_error"]
+    assert four["per_seed"][:3] == pytest.approx(per_seed["diff"])
+    assert four["mean_diff"] == pytest.approx(np.mean(four["per_seed"]))
+
     # Table 1 from the committed rows, without any experiment
     run(tmp_path, ["python", "-m", "pipeline.table1", "--measured", "reports/measured",
                    "--out", "reports/table1.md"])
     table = json.loads((tmp_path / "reports/table1.json").read_text())
     ran = [b for b in table["blocks"] if b["run"]]
-    assert [b["setting"] for b in ran] == ["toy"] and ran[0]["seeds"] == [0, 1, 2]
+    assert [b["setting"] for b in ran] == ["toy"] and ran[0]["seeds"] == [0, 1, 2, 4]
 
 
 def test_verdict_follows_each_metrics_direction() -> None:
