@@ -1,70 +1,33 @@
 """``params.yaml``: loading and validation before any stage does work.
 
-Every key is checked (type, range, allowed values; unknown keys get a did-you-mean), and
-all problems are reported at once, each naming the key, the bad value and what is allowed.
+The file's shape is the typed model :class:`Params` (pydantic, strict: no coercion, no
+unknown keys, no NaN). Its errors are reworded so that all problems are reported at once,
+each naming the key (dotted), the bad value and what is allowed; unknown keys get a
+did-you-mean.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from pipeline.dvcfile import read_yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from pipeline.dvcfile import read_yaml  # also imported from here by benchmarks and tests
 from pipeline.errors import ParamsError
 from pipeline.runtime import project_root  # noqa: F401  (re-exported: it lived here)
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One leaf of the schema."""
-
-    kind: type | tuple[type, ...]
-    minimum: float | None = None
-    maximum: float | None = None
-    min_exclusive: bool = False
-    choices: Callable[[], list[str]] | None = None
-    pattern_help: str | None = None
-    validator: Callable[[Any], bool] | None = None
-    nullable: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        if value is None and self.nullable:
-            return None
-        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            return f"must be {self._kind_name()}, not a boolean"
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds):
-            return f"must be {self._kind_name()}, got {type(value).__name__}"
-        if isinstance(value, float) and not math.isfinite(value):
-            return "must be a finite number"
-        if self.choices is not None and value not in self.choices():
-            return f"valid values: {', '.join(self.choices())}"
-        if self.validator is not None and not self.validator(value):
-            return f"valid values: {self.pattern_help}"
-        if not isinstance(value, (int, float)):  # ranges bound numbers only
-            return None
-        if self.minimum is not None:
-            if self.min_exclusive and value <= self.minimum:
-                return f"must be > {self.minimum}"
-            if not self.min_exclusive and value < self.minimum:
-                return f"must be >= {self.minimum}"
-        if self.maximum is not None and value > self.maximum:
-            return f"must be <= {self.maximum}"
-        return None
-
-    def _kind_name(self) -> str:
-        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-                 list: "a list", dict: "a mapping"}
-        text = " or ".join(names.get(k, k.__name__) for k in kinds)
-        return f"{text} or null" if self.nullable else text
 
 
 def _registry_attribute(module: str, attribute: str) -> Any:
@@ -77,27 +40,49 @@ def _registry_attribute(module: str, attribute: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def _registry_names(module: str, attribute: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        return list(_registry_attribute(module, attribute).names())
-
-    return names
+def _registry_names(module: str, attribute: str) -> Callable[[], Sequence[str]]:
+    return lambda: list(_registry_attribute(module, attribute).names())
 
 
-def _is_device(value: str) -> bool:
-    if value in ("auto", "cpu", "cuda"):
-        return True
-    head, _, index = value.partition(":")
-    return head == "cuda" and index.isdigit()
-
-
-def _preset_names(group: str) -> Callable[[], list[str]]:
+def _preset_names(group: str) -> Callable[[], Sequence[str]]:
     def names() -> list[str]:
         from pipeline.settings import preset_names
 
         return preset_names(group)
 
     return names
+
+
+def _invalid(allowed: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid", "valid values: {allowed}", {"allowed": allowed})
+
+
+def _one_of(names: Callable[[], Sequence[str]]) -> AfterValidator:
+    """A string among ``names()``, read when a value is checked (registries, presets)."""
+    def check(value: str) -> str:
+        if value not in names():
+            raise _invalid(", ".join(names()))
+        return value
+
+    return AfterValidator(check)
+
+
+def _is_device(value: str) -> str:
+    head, _, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
+        return value
+    raise _invalid("auto, cpu, cuda, cuda:N")
+
+
+def _if_shaped(kind: type, ok: Callable[[Any], bool], allowed: str) -> BeforeValidator:
+    """Check a whole list or mapping at once (one problem for the key, not one per item);
+    a value of another kind is left to the type check."""
+    def check(value: Any) -> Any:
+        if isinstance(value, kind) and not ok(value):
+            raise _invalid(allowed)
+        return value
+
+    return BeforeValidator(check)
 
 
 def _is_milestones(value: list[Any]) -> bool:
@@ -110,140 +95,195 @@ def _is_checksum_map(value: dict[Any, Any]) -> bool:
                for k, v in value.items())
 
 
-def positive_int(maximum: float | None = None) -> Spec:
-    return Spec(int, minimum=1, maximum=maximum)
-
-
-def non_negative_int() -> Spec:
-    return Spec(int, minimum=0)
-
-
-def positive_float() -> Spec:
-    return Spec(float, minimum=0.0, min_exclusive=True)
-
-
-def fraction() -> Spec:
-    return Spec(float, minimum=0.0, maximum=1.0, min_exclusive=True)
-
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Milestones = Annotated[list[int], _if_shaped(list, _is_milestones,
+                                             "increasing positive epoch numbers, e.g. [90, 135]")]
+Checksums = Annotated[dict[str, str], _if_shaped(
+    dict, _is_checksum_map, "a mapping of archive file name to its 32-hex MD5")]
 
 # How ConfidNet phase 1 sees the training images: through the frozen classifier with its
 # dropout active, as the authors' learner does; in eval mode, batch by batch; or as features
 # cached once by extract_features (see stages/train_confidnet.py).
-CONFIDNET_FEATURES = ("dropout", "no_dropout", "cached")
-
-SCHEMA: dict[str, Any] = {
-    "setting": Spec(str, choices=_preset_names("setting")),
-    "budget": Spec(str, choices=_preset_names("budget")),
-    "seed": non_negative_int(),
-    "dataset": Spec(str, choices=_registry_names("pipeline.data", "DATASETS")),
-    "loss": Spec(str, choices=_registry_names("pipeline.losses", "LOSSES")),
-    "criterion": Spec(str, choices=_registry_names("pipeline.losses", "CRITERIA")),
-    "device": Spec(str, validator=_is_device, pattern_help="auto, cpu, cuda, cuda:N"),
-    "checkpoint_every_seconds": Spec(float, minimum=0.0),
-    "data": {
-        "test_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),
-        "val_fraction": Spec(float, minimum=0.0, maximum=0.9, min_exclusive=True),
-        "split_seed": Spec(int, minimum=0, nullable=True),
-        "mirror": Spec(str),
-        "checksums": Spec(dict, validator=_is_checksum_map,
-                          pattern_help="a mapping of archive file name to its 32-hex MD5"),
-    },
-    "classifier": {
-        "model": Spec(str, choices=_registry_names("pipeline.models", "MODELS")),
-        "hidden": positive_int(),
-        "dropout": Spec(float, minimum=0.0, maximum=0.95),
-        "epochs": positive_int(),
-        "batch_size": positive_int(),
-        "lr": positive_float(),
-        "momentum": Spec(float, minimum=0.0, maximum=1.0),
-        "weight_decay": Spec(float, minimum=0.0),
-        "milestones": Spec(list, validator=_is_milestones,
-                           pattern_help="increasing positive epoch numbers, e.g. [90, 135]"),
-        "gamma": fraction(),
-        "augmentation": {
-            "hflip": Spec(bool),
-            "rotate_degrees": Spec(float, minimum=0.0, maximum=180.0),
-            "crop_padding": non_negative_int(),
-        },
-    },
-    "confidnet": {
-        "width": positive_int(),
-        "layers": positive_int(),
-        "epochs": positive_int(),
-        "batch_size": positive_int(),
-        "lr": positive_float(),
-        "focal_alpha": fraction(),
-        "focal_gamma": Spec(float, minimum=0.0),
-        "features": Spec(str, choices=lambda: list(CONFIDNET_FEATURES)),
-        "error_weight": positive_float(),
-    },
-    "finetune": {
-        "epochs": non_negative_int(),
-        "batch_size": positive_int(),
-        "lr": positive_float(),
-    },
-    "baselines": {
-        "mc_samples": positive_int(),
-        "batch_size": positive_int(),
-    },
-    "evaluate": {
-        "bootstrap_resamples": Spec(int, minimum=100),
-    },
-    "tracking": {
-        "experiment": Spec(str),
-    },
-}
+ConfidNetFeatures = Literal["dropout", "no_dropout", "cached"]
+CONFIDNET_FEATURES: tuple[str, ...] = get_args(ConfidNetFeatures)
 
 
-def _check(node: Any, schema: dict[str, Any], prefix: str, problems: list[str]) -> None:
-    if not isinstance(node, dict):
-        problems.append(f"{prefix.rstrip('.')}: must be a mapping of keys, got {node!r}")
-        return
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            problems.append(f"{path}: unknown key{hint} (known: {', '.join(schema)})")
-            continue
-        expected = schema[key]
-        if isinstance(expected, dict):
-            _check(value, expected, f"{path}.", problems)
-        else:
-            problem = expected.problem(value)
-            if problem:
-                problems.append(f"{path} = {value!r}: {problem}")
-    for key in schema:
-        if key not in node:
-            problems.append(f"{prefix}{key}: missing")
+class Section(BaseModel):
+    """A mapping of params: exact types (an int may stand for a float), finite numbers, no
+    unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
 
 
-def _cross_key_problems(params: dict[str, Any]) -> list[str]:
-    """Problems that involve more than one key (each key on its own is valid)."""
-    error_weighted = _registry_attribute("pipeline.losses", "ERROR_WEIGHTED_LOSSES")
-    weight, loss = params["confidnet"]["error_weight"], params["loss"]
-    if weight != 1 and loss not in error_weighted:
-        return [f"confidnet.error_weight = {weight!r}: only the losses "
-                f"{', '.join(error_weighted)} weigh errors; loss = {loss!r} needs "
-                "confidnet.error_weight = 1"]
-    return []
+class DataParams(Section):
+    test_fraction: Annotated[float, Field(gt=0.0, le=0.9)]
+    val_fraction: Annotated[float, Field(gt=0.0, le=0.9)]
+    split_seed: NonNegativeInt | None
+    mirror: str
+    checksums: Checksums
+
+
+class AugmentationParams(Section):
+    hflip: bool
+    rotate_degrees: Annotated[float, Field(ge=0.0, le=180.0)]
+    crop_padding: NonNegativeInt
+
+
+class ClassifierParams(Section):
+    model: Annotated[str, _one_of(_registry_names("pipeline.models", "MODELS"))]
+    hidden: PositiveInt
+    dropout: Annotated[float, Field(ge=0.0, le=0.95)]
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    momentum: Annotated[float, Field(ge=0.0, le=1.0)]
+    weight_decay: NonNegativeFloat
+    milestones: Milestones
+    gamma: Fraction
+    augmentation: AugmentationParams
+
+
+class ConfidNetParams(Section):
+    width: PositiveInt
+    layers: PositiveInt
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    focal_alpha: Fraction
+    focal_gamma: NonNegativeFloat
+    features: ConfidNetFeatures
+    error_weight: PositiveFloat
+
+
+class FinetuneParams(Section):
+    epochs: NonNegativeInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+
+
+class BaselinesParams(Section):
+    mc_samples: PositiveInt
+    batch_size: PositiveInt
+
+
+class EvaluateParams(Section):
+    bootstrap_resamples: Annotated[int, Field(ge=100)]
+
+
+class TrackingParams(Section):
+    experiment: str
+
+
+class Params(Section):
+    """The whole of ``params.yaml``."""
+
+    setting: Annotated[str, _one_of(_preset_names("setting"))]
+    budget: Annotated[str, _one_of(_preset_names("budget"))]
+    seed: NonNegativeInt
+    dataset: Annotated[str, _one_of(_registry_names("pipeline.data", "DATASETS"))]
+    loss: Annotated[str, _one_of(_registry_names("pipeline.losses", "LOSSES"))]
+    criterion: Annotated[str, _one_of(_registry_names("pipeline.losses", "CRITERIA"))]
+    device: Annotated[str, AfterValidator(_is_device)]
+    checkpoint_every_seconds: NonNegativeFloat
+    data: DataParams
+    classifier: ClassifierParams
+    confidnet: ConfidNetParams
+    finetune: FinetuneParams
+    baselines: BaselinesParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
+
+    @model_validator(mode="after")
+    def _error_weight_needs_a_loss_that_weighs_errors(self) -> Params:
+        """Checked once every key on its own is valid."""
+        weighted = _registry_attribute("pipeline.losses", "ERROR_WEIGHTED_LOSSES")
+        weight = self.confidnet.error_weight
+        if weight != 1 and self.loss not in weighted:
+            raise PydanticCustomError("cross_key", "{problem}", {"problem": (
+                f"confidnet.error_weight = {weight!r}: only the losses {', '.join(weighted)} "
+                f"weigh errors; loss = {self.loss!r} needs confidnet.error_weight = 1")})
+        return self
+
+
+_KIND_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+               "bool_type": "true or false", "list_type": "a list", "dict_type": "a mapping"}
+
+
+def _annotation(loc: tuple[int | str, ...]) -> Any:
+    """The declared type at ``loc`` (a model class for a section)."""
+    annotation: Any = Params
+    for key in loc:
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if not is_section or key not in annotation.model_fields:
+            return None
+        annotation = annotation.model_fields[key].annotation
+    return annotation
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One line for one pydantic error, in this project's words."""
+    loc, value, kind = error["loc"], error["input"], error["type"]
+    path = ".".join(str(key) for key in loc)
+    ctx = error.get("ctx", {})
+    if kind == "missing":
+        return f"{path}: missing"
+    if kind == "extra_forbidden":
+        known = list(_annotation(loc[:-1]).model_fields)
+        prefix = "".join(f"{key}." for key in loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+        return f"{path}: unknown key{hint} (known: {', '.join(known)})"
+    if kind == "model_type":
+        return f"{path or 'params.yaml'}: must be a mapping of keys, got {value!r}"
+    if kind == "cross_key":
+        return str(ctx["problem"])
+    annotation = _annotation(loc)
+    if kind in _KIND_NAMES:
+        nullable = type(None) in get_args(annotation)
+        expected = _KIND_NAMES[kind] + (" or null" if nullable else "")
+        got = "not a boolean" if isinstance(value, bool) else f"got {type(value).__name__}"
+        problem = f"must be {expected}, {got}"
+    elif kind == "literal_error":
+        problem = f"valid values: {', '.join(get_args(annotation))}"
+    else:
+        bounds = {"greater_than_equal": ">= {ge}", "greater_than": "> {gt}",
+                  "less_than_equal": "<= {le}", "finite_number": "a finite number"}
+        problem = f"must be {bounds[kind].format(**ctx)}" if kind in bounds else error["msg"]
+    return f"{path} = {value!r}: {problem}"
+
+
+def typed(params: Any) -> Params:
+    """``params`` as the typed :class:`Params`, else :class:`ParamsError` with every problem."""
+    try:
+        return Params.model_validate(params)
+    except ValidationError as error:
+        problems = [_problem(detail) for detail in error.errors()]
+        raise ParamsError("invalid params.yaml:\n  " + "\n  ".join(problems)) from None
 
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
     """Return ``params`` unchanged if valid, else raise :class:`ParamsError` with every problem."""
-    problems: list[str] = []
-    _check(params, SCHEMA, "", problems)
-    problems += _cross_key_problems(params) if not problems else []
-    if problems:
-        raise ParamsError("invalid params.yaml:\n  " + "\n  ".join(problems))
+    typed(params)
     return params
+
+
+def _read(path: Path | str) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found; run from the project root")
+    return read_yaml(path.read_text()) or {}
 
 
 def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
     """Read and validate ``params.yaml`` (relative to the working directory, which DVC
     sets to the copy being run, not to ``DVC_ROOT``)."""
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path} not found; run from the project root")
-    params = read_yaml(path.read_text()) or {}
-    return validate(params)
+    return validate(_read(path))
+
+
+def load_config(path: Path | str = "params.yaml") -> Params:
+    """:func:`load_params`, typed: ``load_config().confidnet.epochs``."""
+    return typed(_read(path))

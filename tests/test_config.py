@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from pipeline.config import SCHEMA, ParamsError, load_params, validate
+from pipeline.config import Params, ParamsError, load_config, load_params, validate
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 MISSING = object()  # marks a row that deletes the key instead of setting it
@@ -50,7 +51,17 @@ def test_schema_covers_every_key_of_params_yaml(base_params: dict[str, Any]) -> 
                 out.add(f"{prefix}{key}")
         return out
 
-    assert leaves(base_params) == leaves(SCHEMA)
+    def fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for key, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out |= fields(kind, f"{prefix}{key}.")
+            else:
+                out.add(f"{prefix}{key}")
+        return out
+
+    assert leaves(base_params) == fields(Params)
 
 
 # (path, bad value, substrings the message must contain)
@@ -169,6 +180,46 @@ def test_invalid_value_is_reported(base_params, path: str, value: Any,
         assert part in message, f"{part!r} not in {message!r}"
     # exactly one problem per row (the rest of the file is valid)
     assert message.count("\n  ") == 1, message
+
+
+def test_typed_config_mirrors_the_dict(base_params) -> None:
+    config = load_config(PARAMS_FILE)
+    assert isinstance(config, Params)
+    assert config.model_dump() == base_params
+    assert config.confidnet.features == base_params["confidnet"]["features"]
+    assert isinstance(config.checkpoint_every_seconds, float)  # `30` in the file
+    with pytest.raises(ValidationError):  # frozen: a stage cannot change its params
+        config.confidnet.epochs = 1
+
+
+def test_validate_returns_the_dict_as_written(base_params) -> None:
+    params = with_value(base_params, "classifier.lr", 1)  # no coercion to 1.0
+    assert validate(params)["classifier"]["lr"] == 1 and validate(params) is params
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ([1], "params.yaml: must be a mapping of keys, got [1]"),
+    (None, "params.yaml: must be a mapping of keys, got None"),
+])
+def test_whole_file_not_a_mapping(value: Any, expected: str) -> None:
+    with pytest.raises(ParamsError, match=re.escape(expected)):
+        validate(value)
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), [
+    ("data.test_fraction", float("inf"), "data.test_fraction = inf: must be a finite number"),
+    ("classifier.lr", float("nan"), "classifier.lr = nan: must be a finite number"),
+    ("classifier.milestones", [0, 3], "increasing positive epoch numbers"),
+    ("classifier.milestones", [True], "increasing positive epoch numbers"),
+    ("classifier.augmentation", None, "classifier.augmentation: must be a mapping of keys"),
+    ("confidnet.features", 3, "valid values: dropout, no_dropout, cached"),
+    ("data.split_seed", True, "must be an integer or null, not a boolean"),
+    ("zzzz", 1, "zzzz: unknown key (known: setting, budget, seed,"),
+])
+def test_more_invalid_values(base_params, path: str, value: Any, expected: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        validate(with_value(base_params, path, value))
+    assert expected in str(info.value) and str(info.value).count("\n  ") == 1
 
 
 def test_params_error_is_a_value_error() -> None:
