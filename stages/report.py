@@ -26,6 +26,7 @@ from pipeline.report import (
     paper_rows,
     paper_table,
     percent,
+    provenance_table,
     results_table,
     save_figures,
     significance_table,
@@ -122,10 +123,8 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
         f"- MLflow tracking URI: `{tracking_uri()}`, "
         f"experiment `{params['tracking']['experiment']}`",
         "",
-        "| Stage | MLflow run id | DVC experiment | git commit |", "|---|---|---|---|",
+        provenance_table(records),
     ]
-    out += [f"| {r['stage']} | `{r['mlflow_run_id'] or 'not tracked'}` | "
-            f"{r['dvc_exp_name'] or '-'} | `{r['git_commit'][:10]}` |" for r in records]
     out += ["", "Stages restored from DVC's run cache keep the run ids of the run that computed "
             "them.", "", "### Parameters (`params.yaml`)", "", "```yaml",
             yaml.safe_dump(params, sort_keys=False).rstrip(), "```", ""]
