@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import yaml
 
@@ -18,6 +19,9 @@ from pipeline.methods import CHALLENGERS, ORACLES, PAPER_METHODS, method_label, 
 from pipeline.tables import markdown_table
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+# The report's text, with the data filled in (shipped with the package, like the above).
+TEMPLATES = Path(__file__).with_name("templates")
+REPORT_TEMPLATE = "report.md.j2"
 
 # (key, column title, lower is better) in the paper's Table 1 order, then the
 # risk-coverage metrics.
@@ -110,6 +114,17 @@ def provenance_table(records: Sequence[Mapping[str, Any]]) -> str:
         ["Stage", "MLflow run id", "DVC experiment", "git commit"],
         [[r["stage"], f"`{r['mlflow_run_id'] or 'not tracked'}`", r["dvc_exp_name"] or "-",
           f"`{r['git_commit'][:10]}`"] for r in records])
+
+
+def render_report(data: Mapping[str, Any]) -> str:
+    """``reports/report.md``: ``templates/report.md.j2`` filled in with ``data`` (the stage
+    outputs, the tables above as text, the verdict). A name the template uses and ``data``
+    lacks is an error, not an empty string."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                             undefined=jinja2.StrictUndefined, autoescape=False,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["percent"] = percent
+    return env.get_template(REPORT_TEMPLATE).render(data)
 
 
 def verdict(test: Mapping[str, Mapping[str, float]], significance: Mapping[str, Any],
