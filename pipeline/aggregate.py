@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.methods import method_label, ordered_methods
 from pipeline.report import TABLE_COLUMNS
+from pipeline.tables import markdown_table
 
 EVALUATE_METRICS = "metrics/evaluate.json"
 
@@ -148,13 +149,12 @@ def render(groups: Sequence[Mapping[str, Any]]) -> str:
         lines += [f"## {title}", "",
                   f"Seeds {group['seeds']} (experiments {', '.join(group['experiments'])}); "
                   f"test errors per seed: {group['test_errors']}.", "",
-                  "| Method | " + " | ".join(t for _, t, _ in TABLE_COLUMNS) + " |",
-                  "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-        for method in ordered_methods(list(group["methods"])):
-            stats = group["methods"][method]
-            lines.append(f"| {method_label(method)} | "
-                         + " | ".join(cell(stats.get(k)) for k, _, _ in TABLE_COLUMNS) + " |")
-        lines.append("")
+                  markdown_table(
+                      ["Method", *(t for _, t, _ in TABLE_COLUMNS)],
+                      [[method_label(method),
+                        *(cell(group["methods"][method].get(k)) for k, _, _ in TABLE_COLUMNS)]
+                       for method in ordered_methods(list(group["methods"]))]),
+                  ""]
     return "\n".join(lines)
 
 

@@ -38,8 +38,10 @@ RUNS = Path("runs")
 REPORTS = Path("reports")
 REPORT = REPORTS / "report.md"
 FIGURES = REPORTS / "figures"
-# Read by the report stage: the paper's numbers, shipped with the package.
+# Read by the report stage: the paper's numbers and the report's template, shipped with
+# the package.
 PAPER_RESULTS = Path("pipeline") / "paper_results.yaml"
+REPORT_TEMPLATE = Path("pipeline") / "templates" / "report.md.j2"
 
 
 def features_path(split: str) -> Path:
@@ -87,7 +89,7 @@ STAGES: dict[str, StageFiles] = {
         (run_record_path("evaluate"), TEST_METRICS, VALIDATION_METRICS, INTERVALS,
          SIGNIFICANCE, RISK_COVERAGE, PR_ERROR)),
     "report": StageFiles(
-        (PAPER_RESULTS, DATA, FEATURES, SCORES, METRICS,
+        (PAPER_RESULTS, REPORT_TEMPLATE, DATA, FEATURES, SCORES, METRICS,
          *(run_record_path(s) for s in STAGE_ORDER[:-1])),
         (run_record_path("report"), REPORT, FIGURES)),
 }

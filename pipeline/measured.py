@@ -44,6 +44,7 @@ from pipeline.artifacts import (
 from pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text, load_npz
 from pipeline.metrics import seed_paired_bootstrap
 from pipeline.report import paper_table, percent
+from pipeline.tables import markdown_table
 
 MEASURED = REPORTS / "measured"
 CHALLENGERS = ("confidnet_finetuned", "confidnet")
@@ -267,73 +268,71 @@ def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
         f"Built by `python -m pipeline.measured {row['setting']}` from the DVC experiments "
         f"{', '.join(row['experiments'])} (seeds {', '.join(map(str, seeds))}), run at "
         f"{_commits(row)}. Test split, percent. Each cell: ours as mean ± "
-        "sample std over the seeds, the paper's value (Table 1) in parentheses.", "",
-        "| Method | " + " | ".join(title for _, title in PAPER_METRICS) + " |",
-        "|---" * (len(PAPER_METRICS) + 1) + "|"]
-    for method, label in ROWS:
-        if method not in row["methods"]:
-            continue
+        "sample std over the seeds, the paper's value (Table 1) in parentheses.", ""]
+    methods = [(method, label) for method, label in ROWS if method in row["methods"]]
+    cells = []
+    for method, label in methods:
         paper_row = (paper or {}).get(PAPER_KEY.get(method, method)) or {}
         if method == "confidnet":
             paper_row = {}  # the paper's Table 1 reports ConfidNet after fine-tuning only
-        cells = []
-        for metric, _ in PAPER_METRICS:
-            stats = row["methods"][method].get(metric, {})
-            theirs = paper_row.get(metric)
-            cells.append(f"{percent(stats.get('mean'))} ± {percent(stats.get('std'))} "
-                         f"({'—' if theirs is None else f'{theirs:.2f}'})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        cells.append([label, *(_beside_paper(row["methods"][method].get(metric, {}),
+                                             paper_row.get(metric))
+                               for metric, _ in PAPER_METRICS)])
+    lines.append(markdown_table(["Method", *(title for _, title in PAPER_METRICS)], cells))
     accuracy = row["methods"].get("mcp", {}).get("accuracy", {})
     lines += ["", f"Classifier test accuracy {percent(accuracy.get('mean'))} ± "
               f"{percent(accuracy.get('std'))}%; test errors per seed: "
               f"{', '.join(map(str, row['test_errors']))} of {row['test_sizes'][0]}.", "",
-              "## Per seed (test AUPR-Error, %)", "",
-              "| Seed | experiment | errors | "
-              + " | ".join(label for method, label in ROWS if method in row["methods"])
-              + " | wall time (stages that ran) |",
-              "|---" * (len([m for m, _ in ROWS if m in row["methods"]]) + 4) + "|"]
+              "## Per seed (test AUPR-Error, %)", ""]
+    cells = []
     for i, seed in enumerate(seeds):
-        values = [percent(row["methods"][m]["aupr_error"]["per_seed"][i])
-                  for m, _ in ROWS if m in row["methods"]]
-        minutes = _minutes(row["wall_time_s"].get(row["experiments"][i], {}))
-        lines.append(f"| {seed} | {row['experiments'][i]} | {row['test_errors'][i]} | "
-                     + " | ".join(values) + f" | {minutes} |")
+        cells.append([seed, row["experiments"][i], row["test_errors"][i],
+                      *(percent(row["methods"][m]["aupr_error"]["per_seed"][i])
+                        for m, _ in methods),
+                      _minutes(row["wall_time_s"].get(row["experiments"][i], {}))])
+    lines.append(markdown_table(
+        ["Seed", "experiment", "errors", *(label for _, label in methods),
+         "wall time (stages that ran)"], cells))
     lines += ["", "## ConfidNet against each baseline, pooled over the seeds", "",
               "Paired bootstrap: every seed's test set resampled within that seed "
               f"({row['bootstrap']['resamples']} resamples), the statistic is the mean over "
               "seeds of ConfidNet minus the baseline (percentage points; for FPR and AURC "
-              "lower is better). 'better' / 'worse': the 95% interval excludes zero.", "",
-              "| Comparison | metric | mean difference | 95% interval | per seed | verdict |",
-              "|---|---|---|---|---|---|"]
+              "lower is better). 'better' / 'worse': the 95% interval excludes zero.", ""]
+    cells = []
     for name, by_metric in row["paired"].items():
         challenger, baseline = name.split("-")
         label = f"{dict(ROWS)[challenger]} − {dict(ROWS)[baseline]}"
         for metric, stats in by_metric.items():
             low, high = stats["ci"]
-            lines.append(f"| {label} | {metric} | {100 * stats['mean_diff']:+.2f} | "
-                         f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
-                         + ", ".join(f"{100 * v:+.2f}" for v in stats["per_seed"])
-                         + f" | {verdict(metric, low, high)} |")
+            cells.append([label, metric, f"{100 * stats['mean_diff']:+.2f}",
+                          f"[{100 * low:+.2f}, {100 * high:+.2f}]",
+                          ", ".join(f"{100 * v:+.2f}" for v in stats["per_seed"]),
+                          verdict(metric, low, high)])
+    lines.append(markdown_table(["Comparison", "metric", "mean difference", "95% interval",
+                                 "per seed", "verdict"], cells))
     return "\n".join(lines) + "\n"
+
+
+def _beside_paper(stats: Mapping[str, Any], theirs: float | None) -> str:
+    """Ours as mean ± std (percent), the paper's value in parentheses (— where none)."""
+    return (f"{percent(stats.get('mean'))} ± {percent(stats.get('std'))} "
+            f"({'—' if theirs is None else f'{theirs:.2f}'})")
 
 
 def summary(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
     """A short markdown summary of a measured row (the README's "What we found" quotes it
     between markers; a test keeps the two equal)."""
     lines = [f"`{row['setting']}`, {len(row['seeds'])} seeds, full recipe, test split "
-             "(%; mean ± std, paper in parentheses):", "",
-             "| Method | AUPR-Error | AUROC | FPR-95%-TPR |", "|---|---|---|---|"]
+             "(%; mean ± std, paper in parentheses):", ""]
+    cells = []
     for method, label in ROWS:
         if method not in row["methods"] or method == "confidnet":
             continue
         paper_row = (paper or {}).get(PAPER_KEY.get(method, method)) or {}
-        cells = []
-        for metric in ("aupr_error", "auroc", "fpr_at_95tpr"):
-            stats, theirs = row["methods"][method][metric], paper_row.get(metric)
-            cells.append(f"{percent(stats['mean'])} ± {percent(stats['std'])} "
-                         f"({'—' if theirs is None else f'{theirs:.2f}'})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("")
+        cells.append([label, *(_beside_paper(row["methods"][method][metric],
+                                             paper_row.get(metric))
+                               for metric in ("aupr_error", "auroc", "fpr_at_95tpr"))])
+    lines += [markdown_table(["Method", "AUPR-Error", "AUROC", "FPR-95%-TPR"], cells), ""]
     for baseline in BASELINES:
         stats = row["paired"].get(f"confidnet_finetuned-{baseline}", {}).get("aupr_error")
         if stats is None:

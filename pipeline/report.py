@@ -7,16 +7,21 @@ called a win only when its paired-bootstrap 95% interval excludes zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import yaml
 
 from pipeline.methods import CHALLENGERS, ORACLES, PAPER_METHODS, method_label, ordered_methods
+from pipeline.tables import markdown_table
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+# The report's text, with the data filled in (shipped with the package, like the above).
+TEMPLATES = Path(__file__).with_name("templates")
+REPORT_TEMPLATE = "report.md.j2"
 
 # (key, column title, lower is better) in the paper's Table 1 order, then the
 # risk-coverage metrics.
@@ -61,50 +66,65 @@ def results_table(test: Mapping[str, Mapping[str, float]],
     """Methods as rows, the paper's Table 1 columns then the risk-coverage ones, each
     value with its bootstrap 95% interval; the best non-oracle value per column in bold."""
     methods = ordered_methods(list(test))
-    header = "| Method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
-    lines = [header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     best: dict[str, float] = {}
     for key, _, lower in TABLE_COLUMNS:
         values = [test[m][key] for m in methods
                   if m not in ORACLES and not math.isnan(test[m][key])]
         if values:
             best[key] = min(values) if lower else max(values)
+    rows = []
     for method in methods:
-        cells = []
+        cells = [method_label(method)]
         for key, _, _ in TABLE_COLUMNS:
             text = with_interval(test[method][key], intervals.get(method, {}).get(key))
             if method not in ORACLES and key in best and test[method][key] == best[key]:
                 text = f"**{text}**"
             cells.append(text)
-        lines.append(f"| {method_label(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(["Method", *(title for _, title, _ in TABLE_COLUMNS)], rows)
 
 
 def paper_rows(row: Mapping[str, Any]) -> str:
     keys = ("fpr_at_95tpr", "aupr_error", "aupr_success", "auroc")
-    lines = ["| Method (paper) | FPR-95%-TPR | AUPR-Error | AUPR-Success | AUROC |",
-             "|---|---|---|---|---|"]
-    for method in ("mcp", "mc_dropout", "trustscore", "confidnet"):
-        values = row[method]
-        cells = [("n/a" if values[k] is None else f"{values[k]:.2f}") for k in keys]
-        lines.append(f"| {method_label(method).split(',')[0]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[method_label(method).split(",")[0],
+             *("n/a" if row[method][k] is None else f"{row[method][k]:.2f}" for k in keys)]
+            for method in ("mcp", "mc_dropout", "trustscore", "confidnet")]
+    return markdown_table(
+        ["Method (paper)", "FPR-95%-TPR", "AUPR-Error", "AUPR-Success", "AUROC"], rows)
 
 
 def significance_table(significance: Mapping[str, Any]) -> str:
-    lines = ["| Comparison | AUPR-Error difference [95% CI] | significant | "
-             "AURC difference [95% CI] | significant |", "|---|---|---|---|---|"]
+    rows = []
     for challenger, against in significance.items():
         for baseline, metrics in against.items():
-            cells = []
+            cells = [f"{method_label(challenger)} − {method_label(baseline)}"]
             for key in ("aupr_error", "aurc"):
                 m = metrics[key]
                 cells.append(f"{100 * m['difference']:+.2f} [{100 * m['ci_low']:+.2f}, "
                              f"{100 * m['ci_high']:+.2f}]")
                 cells.append("yes" if m["significant"] else "no")
-            lines.append(f"| {method_label(challenger)} − {method_label(baseline)} | "
-                         + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(["Comparison", "AUPR-Error difference [95% CI]", "significant",
+                           "AURC difference [95% CI]", "significant"], rows)
+
+
+def provenance_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """One row per stage run record: its MLflow run, DVC experiment and git commit."""
+    return markdown_table(
+        ["Stage", "MLflow run id", "DVC experiment", "git commit"],
+        [[r["stage"], f"`{r['mlflow_run_id'] or 'not tracked'}`", r["dvc_exp_name"] or "-",
+          f"`{r['git_commit'][:10]}`"] for r in records])
+
+
+def render_report(data: Mapping[str, Any]) -> str:
+    """``reports/report.md``: ``templates/report.md.j2`` filled in with ``data`` (the stage
+    outputs, the tables above as text, the verdict). A name the template uses and ``data``
+    lacks is an error, not an empty string."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                             undefined=jinja2.StrictUndefined, autoescape=False,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["percent"] = percent
+    return env.get_template(REPORT_TEMPLATE).render(data)
 
 
 def verdict(test: Mapping[str, Mapping[str, float]], significance: Mapping[str, Any],

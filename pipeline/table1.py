@@ -27,6 +27,7 @@ import yaml
 from pipeline.aggregate import _differing_params, cell, experiment_groups
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.report import PAPER_RESULTS, TABLE_COLUMNS
+from pipeline.tables import markdown_table
 from pipeline.tracking import flatten
 
 # The metrics of the paper's Table 1, in its column order (TABLE_COLUMNS lists them first,
@@ -237,16 +238,13 @@ def render(blocks: Sequence[Mapping[str, Any]]) -> str:
     lines = header(blocks)
     for block in blocks:
         seeds = len(block["seeds"])
+        rows = [[label, *(table_cell(block["methods"][method][key]["ours"],
+                                     block["methods"][method][key]["paper"],
+                                     run=block["run"], seeds=seeds)
+                          for key, _ in COLUMNS)]
+                for method, label, _ in ROWS]
         lines += [f"## {block_title(block)}", "", classifier_line(block), "",
-                  "| Method | " + " | ".join(title for _, title in COLUMNS) + " |",
-                  "|---" * (len(COLUMNS) + 1) + "|"]
-        for method, label, _ in ROWS:
-            cells = [table_cell(block["methods"][method][key]["ours"],
-                                block["methods"][method][key]["paper"],
-                                run=block["run"], seeds=seeds)
-                     for key, _ in COLUMNS]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+                  markdown_table(["Method", *(title for _, title in COLUMNS)], rows), ""]
     return "\n".join(lines)
 
 

@@ -129,6 +129,25 @@ def git_head(project: Path) -> str:
     return run(project, ["git", "rev-parse", "HEAD"]).stdout.strip()
 
 
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells, stripped, of every markdown table row in ``markdown`` (header rows
+    included, separator rows left out): tables are compared by content, not padding."""
+    rows = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(c and set(c) <= set("-:") for c in cells):
+                rows.append(cells)
+    return rows
+
+
+def table_row(markdown: str, first: str) -> list[str]:
+    """The cells after the first of the first table row whose first cell is ``first``."""
+    found = next((r for r in table_rows(markdown) if r[0] == first), None)
+    assert found is not None, f"no table row {first!r} in:\n{markdown}"
+    return found[1:]
+
+
 def make_project(dest: Path, params: Mapping[str, Any] | None = None) -> Path:
     """Copy the sources into ``dest``, write ``params`` (default: fast_params(), composed
     from ``conf/`` as DVC does), and commit it all in a new git repository so `dvc exp run`

@@ -102,6 +102,47 @@ def test_code_deps_are_what_the_stage_imports(stage: str) -> None:
         f"directly or not) and list {extra} (not imported)")
 
 
+def package_data() -> dict[str, str]:
+    """The files shipped beside the code (pyproject's package-data: the paper's numbers,
+    templates), by file name: their paths relative to the repository."""
+    return {p.name: p.relative_to(REPO).as_posix() for package in PACKAGES
+            for p in (REPO / package).rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc")}
+
+
+def data_files_read(stage: str) -> set[str]:
+    """The package data files that the code ``stage`` runs names (a string constant equal
+    to the file's name, as in ``Path(__file__).with_name("paper_results.yaml")``).
+    ``pipeline.artifacts`` is left out: it names every stage's files, reading none."""
+    shipped, found = package_data(), set()
+    for module in closure(f"stages.{stage}") - {"pipeline.artifacts"}:
+        path = module_path(module)
+        assert path is not None, module
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and node.value in shipped:
+                found.add(shipped[node.value])
+    return found
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_package_data_deps_are_the_files_the_stage_reads(stage: str) -> None:
+    """A template or data file shipped with the package changes what a stage writes as
+    much as its code does."""
+    shipped = set(package_data().values())
+    declared = {p.as_posix() for p in dvcfile.paths(STAGES[stage], "deps")} & shipped
+    read = data_files_read(stage)
+    assert declared == read, (
+        f"dvc.yaml stage {stage!r}: deps miss {sorted(read - declared)} (read by the code "
+        f"it runs) and list {sorted(declared - read)} (not read)")
+
+
+def test_the_package_data_check_finds_the_report_template() -> None:
+    assert {"pipeline/templates/report.md.j2", "pipeline/paper_results.yaml"} <= \
+        data_files_read("report")
+    assert not data_files_read("download")
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_data_deps_and_outputs_are_the_artifacts(stage: str) -> None:
     spec, files = STAGES[stage], artifacts.STAGES[stage]

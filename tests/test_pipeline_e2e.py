@@ -23,7 +23,15 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import FAST_OVERRIDES, STAGES, fast_params, git_head, run, write_params
+from conftest import (
+    FAST_OVERRIDES,
+    STAGES,
+    fast_params,
+    git_head,
+    run,
+    table_row,
+    write_params,
+)
 
 from pipeline.baselines import SCORERS
 from pipeline.metrics import METRIC_NAMES
@@ -156,7 +164,8 @@ def assert_report_reads_on_its_own(project: Path, text: str) -> None:
     assert f"**{evaluation['errors']} errors among {evaluation['size']} test samples**" in text
     assert f"**{confidnet['train_errors']} classifier errors among" in text
     mcp = evaluation["methods"]["mcp"]["aupr_error"]
-    assert "| MCP (baseline) | " in text and f"{100 * mcp:.2f} [" in text
+    # the AUPR-Error column, with its interval (in bold if it is the column's best)
+    assert f"{100 * mcp:.2f} [" in table_row(text, "MCP (baseline)")[1]
     for figure in ("risk_coverage.png", "confidence_histograms.png"):
         assert f"(figures/{figure})" in text
         assert (project / "reports" / "figures" / figure).stat().st_size > 0

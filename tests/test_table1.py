@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import queue_status, run, toy_dvc_project, wait_for_queue
+from conftest import queue_status, run, table_row, toy_dvc_project, wait_for_queue
 
 import pipeline.aggregate
 from pipeline import table1
@@ -60,8 +60,7 @@ def _blocks(results: list[ExperimentResult],
 def _row(text: str, title_part: str, label: str) -> list[str]:
     """The cells of the row ``label`` in the block whose title contains ``title_part``."""
     section = next(s for s in text.split("\n## ") if title_part in s.splitlines()[0])
-    line = next(x for x in section.splitlines() if x.startswith(f"| {label} |"))
-    return [c.strip() for c in line.strip("|").split("|")][1:]
+    return table_row(section, label)
 
 
 # --- cells ------------------------------------------------------------------------------------
