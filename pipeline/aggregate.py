@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +41,25 @@ class ExperimentResult:
 
 
 def exp_show(all_commits: bool = False) -> list[dict[str, Any]]:
-    """``dvc exp show --json`` of the repository in the working directory, parsed (HEAD's
-    experiments, or every commit's with ``all_commits``). Shared by the CLIs that read
-    experiments; a dvc failure is a SystemExit carrying dvc's message."""
-    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    if all_commits:
-        command.append("--all-commits")
-    shown = subprocess.run(command, capture_output=True, text=True, check=False)
-    if shown.returncode != 0:
-        raise SystemExit(f"error: `dvc exp show --json` failed:\n{shown.stderr.strip()}")
-    return json.loads(shown.stdout)
+    """What ``dvc exp show --json`` prints for the repository in the working directory
+    (HEAD's experiments, or every commit's with ``all_commits``), read in-process through
+    DVC's Python API. Shared by the CLIs that read experiments; a dvc failure is a
+    SystemExit carrying dvc's message.
+
+    ``Repo.experiments.show`` rather than ``dvc.api.exp_show``: the latter returns
+    ``dvc exp show``'s table, one flat row per revision with params and metrics flattened
+    to dotted columns, its values re-parsed from text and falsy ones replaced by None
+    (``seed: 0`` comes back None), and it has no ``all_commits``. ``experiments.show``
+    gives the nested per-file params and metrics and each experiment's base commit, the
+    very records ``--json`` serialises, without starting a second Python."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo() as repo:
+            return [state.dumpd() for state in repo.experiments.show(all_commits=all_commits)]
+    except DvcException as error:
+        raise SystemExit(f"error: `dvc exp show` failed: {error}") from error
 
 
 def _revisions(exp_show: Sequence[Mapping[str, Any]],

@@ -139,16 +139,20 @@ def _embedding(in_features: int, hidden: int, dropout: float,
 
 
 class ConvClassifier(Classifier):
-    """``features`` (conv stack, ending in a flatten) -> ``embedding`` (the penultimate
-    ``feature_dim`` activations) -> ``fc_out`` (logits)."""
+    """``conv_stack`` (the convolutions, ending in a flatten) -> ``embedding`` (the
+    penultimate ``feature_dim`` activations: the paper's features) -> ``fc_out`` (logits).
 
-    features: nn.Sequential
+    ``conv_stack`` was called ``features`` until the conv stack and the paper's features
+    were told apart by name; state_dict keys changed with it (``features.conv1.weight`` is
+    now ``conv_stack.conv1.weight``), so weights saved before then do not load."""
+
+    conv_stack: nn.Sequential
     embedding: nn.Sequential
     fc_out: nn.Linear
     flatten_dim: int
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(self.features(x))
+        return self.embedding(self.conv_stack(x))
 
     @property
     def feature_dropout(self) -> nn.Dropout:
@@ -178,7 +182,7 @@ class SmallConvNetMNIST(ConvClassifier):
         channels, height, width = _image_shape("smallconv_mnist", input_shape, min_size=6)
         self.flatten_dim = 64 * ((height - 4) // 2) * ((width - 4) // 2)
         self.feature_dim = hidden
-        self.features = nn.Sequential(OrderedDict([
+        self.conv_stack = nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(channels, 32, 3)),
             ("relu1", nn.ReLU()),
             ("conv2", nn.Conv2d(32, 64, 3)),
@@ -225,7 +229,7 @@ class SmallConvNetSVHN(ConvClassifier):
             ]))))
             size = width_b
         blocks.append(("flatten", nn.Flatten()))
-        self.features = nn.Sequential(OrderedDict(blocks))
+        self.conv_stack = nn.Sequential(OrderedDict(blocks))
         self.embedding = _embedding(self.flatten_dim, hidden, dropout)
         self.fc_out = nn.Linear(hidden, num_classes)
 
@@ -271,7 +275,7 @@ class VGG16(ConvClassifier):
             layers.append(("pool", nn.MaxPool2d(2)))
             blocks.append((f"block{b}", nn.Sequential(OrderedDict(layers))))
         blocks.append(("flatten", nn.Flatten()))
-        self.features = nn.Sequential(OrderedDict(blocks))
+        self.conv_stack = nn.Sequential(OrderedDict(blocks))
         self.embedding = _embedding(self.flatten_dim, hidden, dropout, input_dropout=dropout)
         self.fc_out = nn.Linear(hidden, num_classes)
 

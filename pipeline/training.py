@@ -132,6 +132,26 @@ def _resume(checkpointer: Checkpointer | None, model: nn.Module,
     return done, result
 
 
+def _fit_epochs(model: nn.Module, optimiser: torch.optim.Optimizer,
+                generator: torch.Generator, epochs: int, desc: str, log: EpochLogger,
+                checkpointer: Checkpointer | None, start: Callable[[], FitResult],
+                run_epoch: Callable[[], dict[str, float]], selection_key: str,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> FitResult:
+    """The skeleton both loops share: resume from ``checkpointer``'s last checkpoint (else
+    begin from ``start()``), then for each remaining epoch, with a progress bar, train and
+    measure it (``run_epoch()``, the loop's own part), log it, keep the weights if
+    ``row[selection_key]`` is the best so far and save a checkpoint when one is due."""
+    done, result = _resume(checkpointer, model, optimiser, generator, epochs, log, scheduler)
+    if result is None:
+        result = start()
+    for epoch in _progress(epochs, desc, done):
+        result.record(epoch, run_epoch(), selection_key, model, log)
+        if checkpointer is not None and checkpointer.due():
+            checkpointer.save(epoch, _training_state(model, optimiser, generator, result,
+                                                     scheduler))
+    return result
+
+
 def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, Any],
                      device: torch.device, seed: int, log: EpochLogger,
                      checkpointer: Checkpointer | None = None,
@@ -147,10 +167,6 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=cfg["milestones"],
                                                      gamma=cfg["gamma"])
     generator = torch.Generator().manual_seed(seed)
-    done, result = _resume(checkpointer, model, optimiser, generator, cfg["epochs"], log,
-                           scheduler)
-    if result is None:
-        result = FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         x = train.x[idx].to(device)
@@ -158,7 +174,7 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
             x = augment(x, generator)
         return nn.functional.cross_entropy(model(x), train.y[idx].to(device))
 
-    for epoch in _progress(cfg["epochs"], "train classifier", done):
+    def run_epoch() -> dict[str, float]:
         row = {"lr": optimiser.param_groups[0]["lr"],
                "train_loss": train_one_epoch(model, optimiser, len(train), cfg["batch_size"],
                                              generator, batch_loss)}
@@ -168,11 +184,13 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
             row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
         # `logits` are the validation ones now: one pass serves accuracy and loss
         row["val_loss"] = float(nn.functional.cross_entropy(logits, val.y))
-        result.record(epoch, row, "val_accuracy", model, log)
-        if checkpointer is not None and checkpointer.due():
-            checkpointer.save(epoch, _training_state(model, optimiser, generator, result,
-                                                     scheduler))
-    return result
+        return row
+
+    def start() -> FitResult:
+        return FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
+
+    return _fit_epochs(model, optimiser, generator, cfg["epochs"], "train classifier", log,
+                       checkpointer, start, run_epoch, "val_accuracy", scheduler)
 
 
 @dataclass(frozen=True)
@@ -213,11 +231,10 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
         value = aupr_error(confidence_scores(model, val.inputs, device), val.correct.numpy())
         return -1.0 if np.isnan(value) else value
 
-    done, result = _resume(checkpointer, model, optimiser, generator, epochs, log)
-    if result is None:
-        start = validate()
-        result = FitResult(copy.deepcopy(model.state_dict()), 0, start,
-                           [{"epoch": 0, "val_aupr_error": start}])
+    def start() -> FitResult:
+        value = validate()
+        return FitResult(copy.deepcopy(model.state_dict()), 0, value,
+                         [{"epoch": 0, "val_aupr_error": value}])
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         inputs = train.inputs[idx].to(device)
@@ -227,11 +244,10 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
             inputs, target, correct = relabel(inputs, train.labels[idx].to(device), generator)
         return loss_fn(model(inputs), target, correct, **loss_kwargs)
 
-    for epoch in _progress(epochs, desc, done):
-        row = {"train_loss": train_one_epoch(model, optimiser, len(train.target), batch_size,
-                                             generator, batch_loss),
-               "val_aupr_error": validate()}
-        result.record(epoch, row, "val_aupr_error", model, log)
-        if checkpointer is not None and checkpointer.due():
-            checkpointer.save(epoch, _training_state(model, optimiser, generator, result))
-    return result
+    def run_epoch() -> dict[str, float]:
+        return {"train_loss": train_one_epoch(model, optimiser, len(train.target), batch_size,
+                                              generator, batch_loss),
+                "val_aupr_error": validate()}
+
+    return _fit_epochs(model, optimiser, generator, epochs, desc, log, checkpointer, start,
+                       run_epoch, "val_aupr_error")

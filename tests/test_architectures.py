@@ -165,7 +165,7 @@ def test_hidden_and_dropout_come_from_the_config() -> None:
         linear(512, 256) + linear(256, 10))
     fc_dropouts = [m.p for m in model.embedding.modules() if isinstance(m, nn.Dropout)]
     assert fc_dropouts == [0.2, 0.2]
-    conv_dropouts = [m.p for m in model.features.modules() if isinstance(m, nn.Dropout)]
+    conv_dropouts = [m.p for m in model.conv_stack.modules() if isinstance(m, nn.Dropout)]
     assert conv_dropouts == [0.3] + [0.4] * 7  # fixed by the architecture
 
     mnist = build_classifier([1, 28, 28], 10, cfg("smallconv_mnist", hidden=64, dropout=0.1))
@@ -195,7 +195,7 @@ def test_output_feature_and_flatten_shapes(models: dict[str, Classifier], settin
         assert model.encode(x).shape == (3, features)
         if flatten is not None:
             assert model.flatten_dim == flatten
-            assert model.features(x).shape == (3, flatten)
+            assert model.conv_stack(x).shape == (3, flatten)
     assert model.feature_dim == features
 
 
@@ -212,7 +212,7 @@ def test_flatten_size_follows_the_input_shape(model: str, shape: tuple[int, ...]
     net = build_classifier(shape, 5, cfg(model, hidden=16, dropout=0.5)).eval()
     assert net.flatten_dim == flatten
     with torch.no_grad():
-        assert net.features(torch.randn(2, *shape)).shape == (2, flatten)
+        assert net.conv_stack(torch.randn(2, *shape)).shape == (2, flatten)
         assert net(torch.randn(2, *shape)).shape == (2, 5)
 
 
@@ -362,7 +362,7 @@ def test_eval_is_deterministic_and_mc_dropout_samples(models: dict[str, Classifi
 def test_train_mode_updates_batch_norm_statistics() -> None:
     # the counterpart of the MC Dropout check: BN statistics do move in training
     model = build_classifier((3, 32, 32), 10, cfg("smallconv_svhn", hidden=32, dropout=0.3))
-    bn1 = model.features.block1.bn1
+    bn1 = model.conv_stack.block1.bn1
     before = bn1.running_mean.clone()
     model.train()
     with torch.no_grad():
@@ -390,4 +390,4 @@ def test_confidnet_fine_tuning_copy_runs_on_a_conv_net() -> None:
     assert out.shape == (2,)
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)
     out.sum().backward()
-    assert model.encoder.features.block1.conv1.weight.grad is not None
+    assert model.encoder.conv_stack.block1.conv1.weight.grad is not None
