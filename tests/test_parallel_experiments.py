@@ -1,8 +1,8 @@
 """Four queued experiments run two at a time (`dvc queue start -j 2`) in a fresh project
 whose mlflow.db does not exist yet, so the first stages of two experiments open it at the
-same moment (the SQLite first-use race of the shared notes). All four succeed, and MLflow
-holds one complete run per experiment, in the project's store (reached through
-DVC_ROOT from the queue's temporary copies), with its artifacts beside it."""
+same moment (the SQLite first-use race: two processes creating one store at once). All
+four succeed, and MLflow holds one complete run per experiment, in the project's store
+(reached through DVC_ROOT from the queue's temporary copies), with its artifacts beside it."""
 
 from __future__ import annotations
 
