@@ -86,7 +86,7 @@ def test_finetuning_leaves_the_classifier_bit_identical() -> None:
         assert torch.equal(encoder_after[key], encoder_before[key]), key
 
 
-def test_phase1_on_the_fly_matches_cached_features_and_leaves_the_classifier() -> None:
+def test_phase1_no_dropout_matches_cached_features_and_leaves_the_classifier() -> None:
     """Without augmentation, phase 1 on features computed per batch by the frozen
     classifier learns the same head as phase 1 on cached features."""
     classifier = trained_bn_classifier()

@@ -28,7 +28,7 @@ PAPER_SETTINGS = {"mnist_mlp": ("mnist", "mlp"), "mnist_smallconv": ("mnist", "s
                   "cifar10_vgg16": ("cifar10", "vgg16"), "cifar100_vgg16": ("cifar100", "vgg16")}
 SWEEP = "setting=" + ",".join(PAPER_SETTINGS)  # as the README's Table 1 command
 OVERRIDES = ["setting=cifar100_vgg16", "budget=smoke", "classifier.epochs=2", "loss=focal",
-             "criterion=tcp_r", "confidnet.features=on_the_fly_dropout"]
+             "criterion=tcp_r", "confidnet.features=no_dropout"]
 TIMEOUT_S = 900
 
 
@@ -116,7 +116,7 @@ def test_single_knobs_override_the_preset(table1_project) -> None:
     assert (cfg["model"], cfg["lr"], cfg["milestones"]) == ("vgg16", 0.1, [90, 135])  # preset
     assert cfg["augmentation"] == {"hflip": True, "rotate_degrees": 0.0, "crop_padding": 4}
     assert (params["loss"], params["criterion"], params["confidnet"]["features"]) == (
-        "focal", "tcp_r", "on_the_fly_dropout")
+        "focal", "tcp_r", "no_dropout")
     assert data["metrics"]["metrics/evaluate.json"]["data"]["methods"]["confidnet"]
 
 
