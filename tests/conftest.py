@@ -125,6 +125,17 @@ def run(project: Path, args: Sequence[str], *, check: bool = True,
     return proc
 
 
+def start_queue(project: Path, jobs: int, env: Mapping[str, str] | None = None) -> None:
+    """`dvc queue start -j jobs` in ``project``, without waiting for the experiments. The
+    workers it spawns inherit its standard streams, so capturing them (as :func:`run`
+    does) would block until every queued experiment has finished; poll with
+    :func:`wait_for_queue` instead."""
+    proc = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project,
+                          env=subprocess_env(env), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 0, f"`dvc queue start -j {jobs}` exited {proc.returncode}"
+
+
 def git_head(project: Path) -> str:
     return run(project, ["git", "rev-parse", "HEAD"]).stdout.strip()
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import experiments_shown, run, wait_for_queue
+from conftest import experiments_shown, run, start_queue, wait_for_queue
 
 from pipeline.metrics import METRIC_NAMES
 
@@ -35,7 +35,7 @@ def test_four_queued_experiments_two_at_a_time(fresh_project: Path) -> None:
     assert not (project / "mlflow.db").exists()
 
     started = time.monotonic()
-    run(project, ["dvc", "queue", "start", "-j", "2"])
+    start_queue(project, 2)
     finished = False
     try:
         statuses = wait_for_queue(project, set(names), TIMEOUT_S)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import experiments_shown, make_project, run, wait_for_queue
+from conftest import experiments_shown, make_project, run, start_queue, wait_for_queue
 from fake_datasets import NAMES, no_proxy_env, serve_folder, write_dataset
 
 from pipeline.settings import compose
@@ -70,7 +70,7 @@ def table1_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
         started = time.monotonic()
         # two at a time: each stage is one single-threaded process (OMP_NUM_THREADS=1), and
         # two experiments fetching the same archive into the shared cache must not collide
-        run(project, ["dvc", "queue", "start", "-j", "2"], env=no_proxy_env())
+        start_queue(project, 2, env=no_proxy_env())
         statuses = wait_for_queue(project, names, TIMEOUT_S)
         elapsed = time.monotonic() - started
     failed = {n: s for n, s in statuses.items() if n in names and s != "Success"}
