@@ -162,7 +162,7 @@ def wall_times(names: Sequence[str]) -> dict[str, dict[str, float]]:
 def _minutes(stages: Mapping[str, float]) -> str:
     if not stages:
         return "n/a"
-    return f"{sum(stages.values()) / 60:.0f} min ({', '.join(stages)})"
+    return f"{sum(stages.values()) / 60:.0f} min ({', '.join(sorted(stages))})"
 
 
 def select(results: Sequence[ExperimentResult], setting: str,
