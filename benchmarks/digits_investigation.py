@@ -1,7 +1,8 @@
 """Why does the paper's recipe not beat MCP on digits on every seed?
 
 Runs the library directly (no DVC, no MLflow) over several seeds with the default
-params.yaml and prints, per seed, what ConfidNet had to learn from and what it reached:
+setting (composed from ``conf/``, as DVC does) and prints, per seed, what ConfidNet had to
+learn from and what it reached:
 
 - errors of the classifier on the train / val / test splits (ConfidNet learns from the
   train split's errors, its epoch is chosen on the val split's errors, and every test
@@ -21,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from pipeline.baselines import ScoringContext, maximum_class_probability, trust_score
-from pipeline.config import validate
+from pipeline.config import read_yaml, validate
 from pipeline.data import DATASETS, load_dataset
 from pipeline.features import confidence_targets, extract
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, loss_kwargs
 from pipeline.metrics import aupr_error
 from pipeline.models import ConfidNetHead, build_classifier
+from pipeline.settings import compose
 from pipeline.training import fit_confidence, predict, seed_everything, train_classifier
 
 
@@ -48,7 +49,7 @@ def one_seed(params: dict, seed: int) -> dict[str, float]:
     cfg = params["confidnet"]
     head = ConfidNetHead(feats["train"].features.shape[1], cfg["width"], cfg["layers"])
     result = fit_confidence(head, targets["train"], targets["val"], LOSSES[params["loss"]],
-                            {"focal_alpha": cfg["focal_alpha"], "focal_gamma": cfg["focal_gamma"]},
+                            loss_kwargs(params),
                             cfg["epochs"], cfg["lr"], cfg["batch_size"], device, seed,
                             lambda *_: None, "confidnet")
     last = torch.sigmoid(predict(head, targets["test"].inputs, 4096, device)).numpy()
@@ -88,19 +89,11 @@ def one_seed(params: dict, seed: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override params, e.g. confidnet.epochs=500")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides of the default setting, as `dvc exp run -S` "
+                             "takes them, e.g. confidnet.epochs=500")
     args = parser.parse_args()
-    params = yaml.safe_load(Path(args.params).read_text())
-    for item in args.set:
-        key, value = item.split("=", 1)
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    validate(params)
+    params = validate(read_yaml(compose(args.set)))
     rows = [one_seed(params, seed) for seed in args.seeds]
     keys = list(rows[0])
     print("seed  " + "  ".join(f"{k[:14]:>14}" for k in keys))

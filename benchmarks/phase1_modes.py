@@ -1,7 +1,8 @@
 """Phase 1 on cached features against the authors' phase 1 (classifier dropout active), on
 the same classifier per seed, selected on validation only.
 
-For each seed: train the classifier of ``params.yaml`` (library calls, no DVC or MLflow),
+For each seed: train the classifier of the default setting (composed from ``conf/``; library
+calls, no DVC or MLflow),
 then train ConfidNet's phase 1 once per ``confidnet.features`` mode from the same
 initialisation and batch order, and keep each run's epoch with the best validation
 AUPR-Error, as the pipeline does. Prints, per seed and mode, that validation AUPR-Error
@@ -22,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from pipeline.augment import Augmentation
 from pipeline.config import read_yaml, validate
@@ -33,9 +33,10 @@ from pipeline.features import (
     confidence_targets,
     extract,
 )
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, loss_kwargs
 from pipeline.metrics import aupr_error
 from pipeline.models import ConfidNetHead, build_classifier
+from pipeline.settings import compose
 from pipeline.training import (
     Relabel,
     confidence_scores,
@@ -66,10 +67,9 @@ def phase1(params: dict[str, Any], mode: str, seed: int, classifier: torch.nn.Mo
         relabel = relabel_fn
     torch.manual_seed(seed)  # same head initialisation for every mode
     head = ConfidNetHead(feats["train"].features.shape[1], cfg["width"], cfg["layers"])
-    kwargs = {k: cfg[k] for k in ("focal_alpha", "focal_gamma", "error_weight")}
-    result = fit_confidence(head, train, targets["val"], LOSSES[params["loss"]], kwargs,
-                            cfg["epochs"], cfg["lr"], cfg["batch_size"], CPU, seed,
-                            lambda *_: None, f"phase 1 ({mode})", relabel=relabel)
+    result = fit_confidence(head, train, targets["val"], LOSSES[params["loss"]],
+                            loss_kwargs(params), cfg["epochs"], cfg["lr"], cfg["batch_size"],
+                            CPU, seed, lambda *_: None, f"phase 1 ({mode})", relabel=relabel)
     head.load_state_dict(result.best_state)
     test = confidence_scores(head, targets["test"].inputs, CPU)
     return {"val_aupr_error": result.best_value, "kept_epoch": result.best_epoch,
@@ -97,19 +97,11 @@ def one_seed(params: dict[str, Any], seed: int) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override params, e.g. confidnet.epochs=300")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides of the default setting, as `dvc exp run -S` "
+                             "takes them, e.g. confidnet.epochs=300")
     args = parser.parse_args()
-    params = read_yaml(Path(args.params).read_text())
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    validate(params)
+    params = validate(read_yaml(compose(args.set)))
     print(f"setting {params['setting']}, {params['confidnet']['epochs']} phase-1 epochs, "
           f"loss {params['loss']}; AUPR-Error in %")
     print("| seed | train errors | mode | val (kept epoch) | kept epoch | test | MCP test |")

@@ -43,6 +43,7 @@ from pipeline.artifacts import (
 )
 from pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text, load_npz
 from pipeline.metrics import seed_paired_bootstrap
+from pipeline.outputs import Features
 from pipeline.report import paper_table, percent
 from pipeline.tables import markdown_table
 
@@ -96,7 +97,7 @@ def from_experiments(results: Sequence[ExperimentResult], repo: str = ".") -> li
     runs = []
     for result in results:
         test = read_npz(features_path("test"), result.rev, repo)
-        correct = (test["logits"].argmax(axis=1) == test["labels"]).astype(np.int64)
+        correct = Features(test["features"], test["logits"], test["labels"]).correct
         methods = [m for m in (*BASELINES, *CHALLENGERS) if m in result.test["methods"]]
         scores = {m: read_npz(score_path(m), result.rev, repo)["test"] for m in methods}
         runs.append(SeedRun(result, scores, correct, times[result.name]))
