@@ -117,7 +117,7 @@ def _metrics_from_groups(groups: _TieGroups) -> dict[str, float]:
     else:
         out.update(auroc=nan, aupr_success=nan, aupr_error=nan, fpr_at_95tpr=nan)
     out["aurc"] = float(np.sum(np.diff(np.r_[0.0, coverage]) * risk))
-    out["eaurc"] = out["aurc"] - _oracle_aurc(n_correct, n)
+    out["eaurc"] = _excess_risk(risk, groups.correct + groups.errors, n_correct)
     out["augrc"] = float(np.trapezoid(np.r_[0.0, accepted_errors / n], np.r_[0.0, coverage]))
     # Authors' convention: strict '>' at each distinct score drops the full-coverage point.
     if coverage.size >= 3:
@@ -132,9 +132,30 @@ def _metrics_from_groups(groups: _TieGroups) -> dict[str, float]:
     return out
 
 
+def _oracle_risk(n_correct: int, n: int) -> np.ndarray:
+    """The oracle's selective risk after accepting k = 1..n samples: max(0, k - c) / k."""
+    accepted = np.arange(1, n + 1)
+    return np.maximum(accepted - n_correct, 0) / accepted
+
+
 def _oracle_aurc(n_correct: int, n: int) -> float:
-    accepted = np.arange(n_correct + 1, n + 1)
-    return float(np.sum((accepted - n_correct) / accepted) / n)
+    return float(np.sum(_oracle_risk(n_correct, n)) / n)
+
+
+def _excess_risk(risk: np.ndarray, group_sizes: np.ndarray, n_correct: int) -> float:
+    """E-AURC (Geifman et al., 2019): AURC minus the oracle's AURC, summed per sample as
+    (risk of the ranking) - (risk of the oracle) at the same coverage.
+
+    Subtracting two separately rounded sums left a perfect ranking at about -1e-17
+    (printed "-0.00"). Term by term the difference is >= 0 in floating point too: each
+    sample's risk is its tie group's errors / accepted, at least max(0, k - c) / k in
+    exact arithmetic, and both are single correctly rounded divisions of integers, which
+    rounding cannot reorder. So E-AURC is never negative, and exactly 0 for a ranking with
+    every correct prediction above every error and no tied errors.
+    """
+    n = int(group_sizes.sum())
+    per_sample = np.repeat(risk, group_sizes) - _oracle_risk(n_correct, n)
+    return float(np.sum(per_sample) / n)
 
 
 @dataclass(frozen=True)

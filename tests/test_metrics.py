@@ -366,7 +366,22 @@ def test_eaurc_zero_for_perfect_ranking(correct: list[int]) -> None:
 @given(scores_and_labels)
 def test_eaurc_non_negative(case: tuple[list[int], list[int]]) -> None:
     conf, correct = np.array(case[0], float), np.array(case[1])
-    assert M.eaurc(conf, correct) >= -1e-12
+    assert M.eaurc(conf, correct) >= 0.0  # exactly: no floating-point slack
+
+
+@pytest.mark.parametrize("n", range(2, 60))
+def test_eaurc_of_a_perfect_ranking_is_exactly_zero(n: int) -> None:
+    """Subtracting two separately rounded sums gave about -7e-18 for 15 samples with 12
+    correct (and for a quarter of such cases), which the report printed as "-0.00" for the
+    TCP oracle. Every split of n samples into correct and wrong, tied correct predictions
+    at the top included, must give exactly 0."""
+    for n_correct in range(1, n):
+        correct = np.r_[np.ones(n_correct, int), np.zeros(n - n_correct, int)]
+        distinct = -np.arange(n, dtype=float)
+        tied_top = np.where(correct == 1, 1.0, distinct)
+        for conf in (distinct, tied_top):
+            assert M.eaurc(conf, correct) == 0.0, (n, n_correct)
+            assert M.failure_metrics(conf, correct)["eaurc"] == 0.0, (n, n_correct)
 
 
 @pytest.mark.parametrize("error_rate", [0.05, 0.2, 0.5])
