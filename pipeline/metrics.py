@@ -40,6 +40,7 @@ Empty input, length mismatch, non-binary ``correct`` and NaN/inf confidences rai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,9 @@ METRIC_NAMES = (
     "accuracy", "auroc", "aupr_success", "aupr_error", "fpr_at_95tpr", "aurc", "eaurc", "augrc",
     "aurc_authors", "eaurc_authors",
 )
+# The metrics where a lower value is better; higher is better for the others.
+LOWER_IS_BETTER = frozenset({"fpr_at_95tpr", "aurc", "eaurc", "augrc", "aurc_authors",
+                             "eaurc_authors"})
 
 
 def check_inputs(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -333,3 +337,17 @@ def seed_paired_bootstrap(
         out[metric] = {"mean_diff": float(observed[k]), "ci": [low, high],
                        "per_seed": [float(row[k]) for row in per_seed]}
     return out
+
+
+def comparison(metric: str, low: float, high: float) -> str:
+    """'better', 'worse' or 'n.s.' for method A, from the 95% interval ``[low, high]`` of
+    ``metric(A) - metric(B)``: a side is taken only when the interval excludes zero, and
+    which side is better depends on whether ``metric`` is in :data:`LOWER_IS_BETTER`;
+    'n/a' when the interval is undefined (NaN: no resample had both outcomes)."""
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRIC_NAMES)}")
+    if math.isnan(low) or math.isnan(high):
+        return "n/a"
+    if low > 0 or high < 0:
+        return "better" if (low > 0) != (metric in LOWER_IS_BETTER) else "worse"
+    return "n.s."

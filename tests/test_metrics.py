@@ -624,3 +624,21 @@ def test_seed_paired_bootstrap_rejects_mismatched_runs() -> None:
         seed_paired_bootstrap([a, a], [b], [correct, correct], ["auroc"], 10, 0)
     with pytest.raises(ValueError, match="unknown metric 'aupr'"):
         seed_paired_bootstrap([a], [b], [correct], ["aupr"], 10, 0)
+
+
+# ------------------------------------------------------------------------- comparison
+
+
+def test_comparison_takes_a_side_only_when_the_interval_excludes_zero() -> None:
+    # A minus B; AUPR-Error: higher is better, AURC and FPR: lower is better.
+    assert M.comparison("aupr_error", 0.01, 0.05) == "better"
+    assert M.comparison("aupr_error", -0.05, -0.01) == "worse"
+    assert M.comparison("aupr_error", -0.01, 0.05) == "n.s."
+    assert M.comparison("aupr_error", 0.0, 0.05) == "n.s."  # zero is in the interval
+    assert M.comparison("aurc", -0.05, -0.01) == "better"
+    assert M.comparison("aurc", 0.01, 0.02) == "worse"
+    assert M.comparison("fpr_at_95tpr", -0.05, -0.01) == "better"
+    assert M.comparison("aupr_error", math.nan, math.nan) == "n/a"
+    assert M.LOWER_IS_BETTER.issubset(M.METRIC_NAMES)
+    with pytest.raises(ValueError, match="unknown metric 'aupr'; valid: accuracy, auroc"):
+        M.comparison("aupr", 0.01, 0.05)
