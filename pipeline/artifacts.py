@@ -88,8 +88,8 @@ STAGES: dict[str, StageFiles] = {
         (FEATURES, SCORES),
         (run_record_path("evaluate"), TEST_METRICS, VALIDATION_METRICS, INTERVALS,
          SIGNIFICANCE, RISK_COVERAGE, PR_ERROR)),
+    # The report reads no run record: it names no run id (see stages/report.py).
     "report": StageFiles(
-        (PAPER_RESULTS, REPORT_TEMPLATE, DATA, FEATURES, SCORES, METRICS,
-         *(run_record_path(s) for s in STAGE_ORDER[:-1])),
+        (PAPER_RESULTS, REPORT_TEMPLATE, DATA, FEATURES, SCORES, METRICS),
         (run_record_path("report"), REPORT, FIGURES)),
 }

@@ -40,6 +40,7 @@ Empty input, length mismatch, non-binary ``correct`` and NaN/inf confidences rai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,9 @@ METRIC_NAMES = (
     "accuracy", "auroc", "aupr_success", "aupr_error", "fpr_at_95tpr", "aurc", "eaurc", "augrc",
     "aurc_authors", "eaurc_authors",
 )
+# The metrics where a lower value is better; higher is better for the others.
+LOWER_IS_BETTER = frozenset({"fpr_at_95tpr", "aurc", "eaurc", "augrc", "aurc_authors",
+                             "eaurc_authors"})
 
 
 def check_inputs(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +121,7 @@ def _metrics_from_groups(groups: _TieGroups) -> dict[str, float]:
     else:
         out.update(auroc=nan, aupr_success=nan, aupr_error=nan, fpr_at_95tpr=nan)
     out["aurc"] = float(np.sum(np.diff(np.r_[0.0, coverage]) * risk))
-    out["eaurc"] = out["aurc"] - _oracle_aurc(n_correct, n)
+    out["eaurc"] = _excess_risk(risk, groups.correct + groups.errors, n_correct)
     out["augrc"] = float(np.trapezoid(np.r_[0.0, accepted_errors / n], np.r_[0.0, coverage]))
     # Authors' convention: strict '>' at each distinct score drops the full-coverage point.
     if coverage.size >= 3:
@@ -132,9 +136,30 @@ def _metrics_from_groups(groups: _TieGroups) -> dict[str, float]:
     return out
 
 
+def _oracle_risk(n_correct: int, n: int) -> np.ndarray:
+    """The oracle's selective risk after accepting k = 1..n samples: max(0, k - c) / k."""
+    accepted = np.arange(1, n + 1)
+    return np.maximum(accepted - n_correct, 0) / accepted
+
+
 def _oracle_aurc(n_correct: int, n: int) -> float:
-    accepted = np.arange(n_correct + 1, n + 1)
-    return float(np.sum((accepted - n_correct) / accepted) / n)
+    return float(np.sum(_oracle_risk(n_correct, n)) / n)
+
+
+def _excess_risk(risk: np.ndarray, group_sizes: np.ndarray, n_correct: int) -> float:
+    """E-AURC (Geifman et al., 2019): AURC minus the oracle's AURC, summed per sample as
+    (risk of the ranking) - (risk of the oracle) at the same coverage.
+
+    Subtracting two separately rounded sums left a perfect ranking at about -1e-17
+    (printed "-0.00"). Term by term the difference is >= 0 in floating point too: each
+    sample's risk is its tie group's errors / accepted, at least max(0, k - c) / k in
+    exact arithmetic, and both are single correctly rounded divisions of integers, which
+    rounding cannot reorder. So E-AURC is never negative, and exactly 0 for a ranking with
+    every correct prediction above every error and no tied errors.
+    """
+    n = int(group_sizes.sum())
+    per_sample = np.repeat(risk, group_sizes) - _oracle_risk(n_correct, n)
+    return float(np.sum(per_sample) / n)
 
 
 @dataclass(frozen=True)
@@ -312,3 +337,17 @@ def seed_paired_bootstrap(
         out[metric] = {"mean_diff": float(observed[k]), "ci": [low, high],
                        "per_seed": [float(row[k]) for row in per_seed]}
     return out
+
+
+def comparison(metric: str, low: float, high: float) -> str:
+    """'better', 'worse' or 'n.s.' for method A, from the 95% interval ``[low, high]`` of
+    ``metric(A) - metric(B)``: a side is taken only when the interval excludes zero, and
+    which side is better depends on whether ``metric`` is in :data:`LOWER_IS_BETTER`;
+    'n/a' when the interval is undefined (NaN: no resample had both outcomes)."""
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRIC_NAMES)}")
+    if math.isnan(low) or math.isnan(high):
+        return "n/a"
+    if low > 0 or high < 0:
+        return "better" if (low > 0) != (metric in LOWER_IS_BETTER) else "worse"
+    return "n.s."

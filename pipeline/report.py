@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from pipeline.methods import CHALLENGERS, ORACLES, PAPER_METHODS, method_label, ordered_methods
+from pipeline.metrics import LOWER_IS_BETTER, comparison
 from pipeline.tables import markdown_table
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
@@ -23,25 +24,82 @@ PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 TEMPLATES = Path(__file__).with_name("templates")
 REPORT_TEMPLATE = "report.md.j2"
 
+# ConfidNet after phase 1 and after fine-tuning. The fine-tuned one is the paper's full
+# learning scheme (its Table 1 "ConfidNet"): the report's verdict and paired table use it.
+PHASE1, FINAL = CHALLENGERS
+
 # (key, column title, lower is better) in the paper's Table 1 order, then the
 # risk-coverage metrics.
-TABLE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
-    ("fpr_at_95tpr", "FPR-95%-TPR", True),
-    ("aupr_error", "AUPR-Error", False),
-    ("aupr_success", "AUPR-Success", False),
-    ("auroc", "AUROC", False),
-    ("aurc", "AURC", True),
-    ("eaurc", "E-AURC", True),
-    ("augrc", "AUGRC", True),
-    ("aurc_authors", "AURC (authors)", True),
-    ("eaurc_authors", "E-AURC (authors)", True),
-)
+TABLE_COLUMNS: tuple[tuple[str, str, bool], ...] = tuple(
+    (key, title, key in LOWER_IS_BETTER) for key, title in (
+        ("fpr_at_95tpr", "FPR-95%-TPR"),
+        ("aupr_error", "AUPR-Error"),
+        ("aupr_success", "AUPR-Success"),
+        ("auroc", "AUROC"),
+        ("aurc", "AURC"),
+        ("eaurc", "E-AURC"),
+        ("augrc", "AUGRC"),
+        ("aurc_authors", "AURC (authors)"),
+        ("eaurc_authors", "E-AURC (authors)"),
+    ))
+# The paper's Table 1 columns, and our method beside each of its rows.
+PAPER_COLUMNS = ("fpr_at_95tpr", "aupr_error", "aupr_success", "auroc")
+PAPER_ROWS = {"mcp": "mcp", "mc_dropout": "mc_dropout", "trustscore": "trustscore",
+              FINAL: "confidnet"}
+# The paired comparisons the report shows (significance.json holds these and no others).
+PAIRED_METRICS = ("aupr_error", "aurc")
+# What a comparison word means for ConfidNet, in the verdict's prose.
+VERDICT_WORDS = {
+    "better": "ConfidNet is better (the interval excludes zero)",
+    "worse": "ConfidNet is worse (the interval excludes zero)",
+    "n.s.": "not significant (the interval contains zero)",
+    "n/a": "undefined (no resample held both correct predictions and errors)",
+}
+
+
+def fixed(value: float, *, signed: bool = False, decimals: int = 2) -> str:
+    """A fraction as a percentage with ``decimals`` decimals (with its sign when
+    ``signed``). A value that rounds to zero prints unsigned ("0.00", never "-0.00" or
+    "+0.00"): a sign on a rounded zero claims a direction the digits do not show."""
+    text = f"{100 * value:{'+' if signed else ''}.{decimals}f}"
+    return text.lstrip("+-") if float(text) == 0 else text
 
 
 def percent(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A fraction as a percentage, two decimals; "n/a" when undefined."""
+    return "n/a" if value is None or math.isnan(value) else fixed(value)
+
+
+def points(value: float | None, decimals: int = 2) -> str:
+    """A difference of two fractions in signed percentage points; "n/a" when undefined."""
+    if value is None or math.isnan(value):
         return "n/a"
-    return f"{100 * value:.2f}"
+    return fixed(value, signed=True, decimals=decimals)
+
+
+def difference_text(difference: float, low: float, high: float) -> str:
+    """``+1.23 [+0.45, +2.01]``: a paired difference and its 95% interval in points, with
+    two decimals, or up to four when a value that is not zero would print as zero (AURC
+    differences are often hundredths of a point, and an interval that excludes zero must
+    not print a bound of 0.00)."""
+    values = (difference, low, high)
+    decimals = 2
+    while decimals < 4 and any(
+            v != 0 and not math.isnan(v) and float(f"{100 * v:.{decimals}f}") == 0
+            for v in values):
+        decimals += 1
+    diff, lo, hi = (points(v, decimals) for v in values)
+    return f"{diff} [{lo}, {hi}]"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 error``, ``2 errors``, ``0 errors``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def short_label(method: str) -> str:
+    """The method's name without its qualifiers, for prose: "MCP (baseline)" -> "MCP"."""
+    return method_label(method).split(" (")[0].split(",")[0]
 
 
 def paper_table(setting: str) -> tuple[str, dict[str, Any]] | None:
@@ -53,28 +111,57 @@ def paper_table(setting: str) -> tuple[str, dict[str, Any]] | None:
     return (closest, row) if row else None
 
 
+def merged_confidnet(phase1: Mapping[str, np.ndarray], finetuned: Mapping[str, np.ndarray],
+                     kept_epoch: int) -> str | None:
+    """The label of a single ConfidNet row when fine-tuning changed no score, else None.
+
+    Decided from the scores, not the epoch: the two phases are merged only when they give
+    every sample of every split the same score, so every metric, interval and paired
+    difference is the same too. ``kept_epoch`` (fine-tuning's kept epoch, 0 being the
+    phase-1 model) only explains why.
+    """
+    if set(phase1) != set(finetuned) or not all(
+            np.array_equal(phase1[split], finetuned[split]) for split in phase1):
+        return None
+    if kept_epoch == 0:
+        return "ConfidNet (fine-tuning kept its phase-1 weights: epoch 0)"
+    return f"ConfidNet (phase 1 and fine-tuned, epoch {kept_epoch}, score identically)"
+
+
+def method_labels(methods: Sequence[str], merged: str | None = None) -> dict[str, str]:
+    """The methods the report shows, in display order, with their labels. With ``merged``
+    (see :func:`merged_confidnet`) phase 1's row is left out and the fine-tuned one, which
+    stands for both, is labelled ``merged``."""
+    labels = {m: method_label(m) for m in ordered_methods(methods)}
+    if merged is not None and PHASE1 in labels and FINAL in labels:
+        del labels[PHASE1]
+        labels[FINAL] = merged
+    return labels
+
+
 def with_interval(value: float, interval: tuple[float, float] | None) -> str:
     if interval is None or any(math.isnan(b) for b in interval):
         return percent(value)
     # Same precision as the value: AURC-like metrics are fractions of a percent, where one
     # decimal would print an interval that seems not to contain its value.
-    return f"{percent(value)} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+    return f"{percent(value)} [{fixed(interval[0])}, {fixed(interval[1])}]"
 
 
 def results_table(test: Mapping[str, Mapping[str, float]],
-                  intervals: Mapping[str, Mapping[str, tuple[float, float]]]) -> str:
-    """Methods as rows, the paper's Table 1 columns then the risk-coverage ones, each
-    value with its bootstrap 95% interval; the best non-oracle value per column in bold."""
-    methods = ordered_methods(list(test))
+                  intervals: Mapping[str, Mapping[str, tuple[float, float]]],
+                  labels: Mapping[str, str]) -> str:
+    """The methods of ``labels`` as rows, the paper's Table 1 columns then the
+    risk-coverage ones, each value with its bootstrap 95% interval; the best non-oracle
+    value per column in bold."""
     best: dict[str, float] = {}
     for key, _, lower in TABLE_COLUMNS:
-        values = [test[m][key] for m in methods
+        values = [test[m][key] for m in labels
                   if m not in ORACLES and not math.isnan(test[m][key])]
         if values:
             best[key] = min(values) if lower else max(values)
     rows = []
-    for method in methods:
-        cells = [method_label(method)]
+    for method, label in labels.items():
+        cells = [label]
         for key, _, _ in TABLE_COLUMNS:
             text = with_interval(test[method][key], intervals.get(method, {}).get(key))
             if method not in ORACLES and key in best and test[method][key] == best[key]:
@@ -84,36 +171,55 @@ def results_table(test: Mapping[str, Mapping[str, float]],
     return markdown_table(["Method", *(title for _, title, _ in TABLE_COLUMNS)], rows)
 
 
+def _paper_value(row: Mapping[str, Any], method: str, key: str) -> str:
+    value = row[method][key]
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def paper_rows(row: Mapping[str, Any]) -> str:
-    keys = ("fpr_at_95tpr", "aupr_error", "aupr_success", "auroc")
-    rows = [[method_label(method).split(",")[0],
-             *("n/a" if row[method][k] is None else f"{row[method][k]:.2f}" for k in keys)]
-            for method in ("mcp", "mc_dropout", "trustscore", "confidnet")]
-    return markdown_table(
-        ["Method (paper)", "FPR-95%-TPR", "AUPR-Error", "AUPR-Success", "AUROC"], rows)
+    """The paper's Table 1 row alone (for a setting the paper does not have)."""
+    titles = dict((key, title) for key, title, _ in TABLE_COLUMNS)
+    rows = [[short_label(method),
+             *(_paper_value(row, theirs, k) for k in PAPER_COLUMNS)]
+            for method, theirs in PAPER_ROWS.items()]
+    return markdown_table(["Method (paper)", *(titles[k] for k in PAPER_COLUMNS)], rows)
 
 
-def significance_table(significance: Mapping[str, Any]) -> str:
+def beside_paper_table(test: Mapping[str, Mapping[str, float]], row: Mapping[str, Any],
+                       labels: Mapping[str, str]) -> str:
+    """Ours beside the paper's Table 1 row of the same setting, cell by cell: "ours
+    (paper)". The paper's ConfidNet is the full scheme, so it sits beside the fine-tuned
+    one; phase 1 alone is not in the paper."""
+    titles = dict((key, title) for key, title, _ in TABLE_COLUMNS)
+    rows = [[labels[method],
+             *(f"{percent(test[method][k])} ({_paper_value(row, theirs, k)})"
+               for k in PAPER_COLUMNS)]
+            for method, theirs in PAPER_ROWS.items() if method in labels]
+    return markdown_table(["Method", *(titles[k] for k in PAPER_COLUMNS)], rows)
+
+
+def baselines_of(labels: Mapping[str, str]) -> list[str]:
+    """The methods ConfidNet is compared with: all but ConfidNet and the oracles."""
+    return [m for m in labels if m not in CHALLENGERS and m not in ORACLES]
+
+
+def paired_table(significance: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """One row per baseline: the fine-tuned ConfidNet minus the baseline, in percentage
+    points, with the paired-bootstrap 95% interval and what it says for ConfidNet
+    (better / worse / n.s., :func:`pipeline.metrics.comparison`), on AUPR-Error and AURC."""
     rows = []
-    for challenger, against in significance.items():
-        for baseline, metrics in against.items():
-            cells = [f"{method_label(challenger)} − {method_label(baseline)}"]
-            for key in ("aupr_error", "aurc"):
-                m = metrics[key]
-                cells.append(f"{100 * m['difference']:+.2f} [{100 * m['ci_low']:+.2f}, "
-                             f"{100 * m['ci_high']:+.2f}]")
-                cells.append("yes" if m["significant"] else "no")
-            rows.append(cells)
-    return markdown_table(["Comparison", "AUPR-Error difference [95% CI]", "significant",
-                           "AURC difference [95% CI]", "significant"], rows)
-
-
-def provenance_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """One row per stage run record: its MLflow run, DVC experiment and git commit."""
-    return markdown_table(
-        ["Stage", "MLflow run id", "DVC experiment", "git commit"],
-        [[r["stage"], f"`{r['mlflow_run_id'] or 'not tracked'}`", r["dvc_exp_name"] or "-",
-          f"`{r['git_commit'][:10]}`"] for r in records])
+    for baseline in baselines_of(labels):
+        cells = [labels[baseline]]
+        for key in PAIRED_METRICS:
+            m = significance[FINAL][baseline][key]
+            cells.append(difference_text(m["difference"], m["ci_low"], m["ci_high"]))
+            cells.append(comparison(key, m["ci_low"], m["ci_high"]))
+        rows.append(cells)
+    titles = dict((key, title) for key, title, _ in TABLE_COLUMNS)
+    headers = ["Baseline"]
+    for key in PAIRED_METRICS:
+        headers += [f"{titles[key]} difference [95% CI]", f"{titles[key]}: ConfidNet is"]
+    return markdown_table(headers, rows)
 
 
 def render_report(data: Mapping[str, Any]) -> str:
@@ -124,35 +230,46 @@ def render_report(data: Mapping[str, Any]) -> str:
                              undefined=jinja2.StrictUndefined, autoescape=False,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["percent"] = percent
+    env.filters["plural"] = plural
     return env.get_template(REPORT_TEMPLATE).render(data)
 
 
 def verdict(test: Mapping[str, Mapping[str, float]], significance: Mapping[str, Any],
-            test_errors: int) -> str:
-    """The plain-language result, from the numbers: a win needs an interval above zero."""
-    final = "confidnet_finetuned"
-    baselines = [m for m in ordered_methods(list(test)) if m not in CHALLENGERS + ORACLES]
-    best = max(baselines, key=lambda m: test[m]["aupr_error"])
-    ours, theirs = test[final]["aupr_error"], test[best]["aupr_error"]
-    sig = significance[final][best]["aupr_error"]
-    interval = f"95% CI of the difference [{100 * sig['ci_low']:+.2f}, {100 * sig['ci_high']:+.2f}]"
-    head = (f"On the test split's {test_errors} errors, {method_label(final)} reaches an "
-            f"AUPR-Error of {percent(ours)}% against {percent(theirs)}% for the best baseline, "
-            f"{method_label(best)} ({interval} points).")
-    if sig["ci_low"] > 0:
-        tail = "The gain is significant at the 95% level."
-    elif sig["ci_high"] < 0:
-        tail = "ConfidNet is significantly worse here."
+            test_errors: int, labels: Mapping[str, str]) -> str:
+    """The plain-language result on AUPR-Error (the paper's headline metric, Sec. 3.1), from
+    the numbers: the fine-tuned ConfidNet against MCP, the paper's baseline, and against the
+    best baseline of this run; a side is taken only when the paired-bootstrap 95% interval
+    of the difference excludes zero."""
+    def against(baseline: str, role: str) -> str:
+        m = significance[FINAL][baseline]["aupr_error"]
+        word = comparison("aupr_error", m["ci_low"], m["ci_high"])
+        diff, interval = difference_text(m["difference"], m["ci_low"],
+                                         m["ci_high"]).split(" ", 1)
+        return (f"Against {role}, {short_label(baseline)} "
+                f"({percent(test[baseline]['aupr_error'])}%), the difference is {diff} "
+                f"points, 95% interval {interval}: {VERDICT_WORDS[word]}.")
+
+    def score(method: str) -> float:
+        value = test[method]["aupr_error"]
+        return -math.inf if math.isnan(value) else value
+
+    best = max(baselines_of(labels), key=score)
+    sentences = [f"On the test split's {plural(test_errors, 'error')}, {labels[FINAL]} "
+                 f"reaches an AUPR-Error of {percent(test[FINAL]['aupr_error'])}%.",
+                 against("mcp", "the paper's baseline")]
+    if best == "mcp":
+        sentences.append("MCP is also the best baseline of this run.")
     else:
-        tail = ("The interval contains zero: this run does not show a difference between them; "
-                "with this few errors, neither a win nor a loss is supported.")
-    return f"{head} {tail}"
+        sentences.append(against(best, "the best baseline of this run"))
+    return " ".join(sentences)
 
 
 def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
-                 correct: np.ndarray, tcp: np.ndarray) -> list[tuple[str, str]]:
-    """Risk-coverage curves (paper Fig. 3) and MCP / TCP / ConfidNet histograms of correct
-    and wrong predictions (paper Fig. 1). Returns (file name, caption) pairs."""
+                 correct: np.ndarray, tcp: np.ndarray,
+                 labels: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Risk-coverage curves (paper Fig. 3) of the paper's methods among ``labels``, and
+    MCP / TCP / fine-tuned ConfidNet histograms of correct and wrong predictions (paper
+    Fig. 1). Returns (file name, caption) pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,11 +281,11 @@ def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
     figures = []
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method in ordered_methods([m for m in scores if m in PAPER_METHODS]):
+    for method in (m for m in labels if m in PAPER_METHODS):
         curve = risk_coverage_curve(scores[method]["test"], correct)
         style = ":" if method in ORACLES else "-"
         ax.step(curve.coverage * 100, curve.risk * 100, where="post", linestyle=style,
-                label=method_label(method))
+                label=labels[method])
     ax.set_xlabel("Coverage (%)")
     ax.set_ylabel("Selective risk (%)")
     ax.set_title("Risk-coverage, test split")
@@ -183,7 +300,7 @@ def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
                     "(`dvc plots show`)."))
 
     panels = [("MCP", scores["mcp"]["test"]), ("TCP (oracle)", tcp),
-              ("ConfidNet, fine-tuned", scores["confidnet_finetuned"]["test"])]
+              (labels[FINAL], scores[FINAL]["test"])]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     bins = np.linspace(0, 1, 41)
     for ax, (title, values) in zip(axes, panels, strict=True):
@@ -191,7 +308,7 @@ def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
                 label=f"correct ({int(correct.sum())})")
         ax.hist(values[correct == 0], bins=bins, density=True, alpha=0.6, color="tab:red",
                 label=f"wrong ({int((1 - correct).sum())})")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("confidence")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("relative density")

@@ -1,5 +1,5 @@
 """Same params and seed, two fresh projects, one `dvc repro` each: byte-identical metrics
-on CPU (see README, "Determinism"; GPU runs need tolerances).
+and report on CPU (see README, "Determinism"; GPU runs need tolerances).
 
 The twins (conftest.twin_projects) differ in one way: one tracks to MLflow, the other's
 store is unreachable. So this also shows that tracking never changes a result.
@@ -26,8 +26,10 @@ def test_outputs_identical_across_fresh_runs(twin_projects: dict[str, Reproduced
     a, b = twin_projects["tracked"].path, twin_projects["offline"].path
     assert a != b
 
-    # every metrics file and per-epoch / evaluation curve, byte for byte
-    for pattern in ("metrics/*.json", "plots/*.csv", "data/*"):
+    # every metrics file and per-epoch / evaluation curve, byte for byte; and the report
+    # with its figures, though the twins differ in path and in MLflow run ids
+    for pattern in ("metrics/*.json", "plots/*.csv", "data/*", "reports/report.md",
+                    "reports/figures/*.png"):
         names = files(a, pattern)
         assert names and names == files(b, pattern), pattern
         for name in names:

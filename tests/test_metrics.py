@@ -366,7 +366,22 @@ def test_eaurc_zero_for_perfect_ranking(correct: list[int]) -> None:
 @given(scores_and_labels)
 def test_eaurc_non_negative(case: tuple[list[int], list[int]]) -> None:
     conf, correct = np.array(case[0], float), np.array(case[1])
-    assert M.eaurc(conf, correct) >= -1e-12
+    assert M.eaurc(conf, correct) >= 0.0  # exactly: no floating-point slack
+
+
+@pytest.mark.parametrize("n", range(2, 60))
+def test_eaurc_of_a_perfect_ranking_is_exactly_zero(n: int) -> None:
+    """Subtracting two separately rounded sums gave about -7e-18 for 15 samples with 12
+    correct (and for a quarter of such cases), which the report printed as "-0.00" for the
+    TCP oracle. Every split of n samples into correct and wrong, tied correct predictions
+    at the top included, must give exactly 0."""
+    for n_correct in range(1, n):
+        correct = np.r_[np.ones(n_correct, int), np.zeros(n - n_correct, int)]
+        distinct = -np.arange(n, dtype=float)
+        tied_top = np.where(correct == 1, 1.0, distinct)
+        for conf in (distinct, tied_top):
+            assert M.eaurc(conf, correct) == 0.0, (n, n_correct)
+            assert M.failure_metrics(conf, correct)["eaurc"] == 0.0, (n, n_correct)
 
 
 @pytest.mark.parametrize("error_rate", [0.05, 0.2, 0.5])
@@ -609,3 +624,21 @@ def test_seed_paired_bootstrap_rejects_mismatched_runs() -> None:
         seed_paired_bootstrap([a, a], [b], [correct, correct], ["auroc"], 10, 0)
     with pytest.raises(ValueError, match="unknown metric 'aupr'"):
         seed_paired_bootstrap([a], [b], [correct], ["aupr"], 10, 0)
+
+
+# ------------------------------------------------------------------------- comparison
+
+
+def test_comparison_takes_a_side_only_when_the_interval_excludes_zero() -> None:
+    # A minus B; AUPR-Error: higher is better, AURC and FPR: lower is better.
+    assert M.comparison("aupr_error", 0.01, 0.05) == "better"
+    assert M.comparison("aupr_error", -0.05, -0.01) == "worse"
+    assert M.comparison("aupr_error", -0.01, 0.05) == "n.s."
+    assert M.comparison("aupr_error", 0.0, 0.05) == "n.s."  # zero is in the interval
+    assert M.comparison("aurc", -0.05, -0.01) == "better"
+    assert M.comparison("aurc", 0.01, 0.02) == "worse"
+    assert M.comparison("fpr_at_95tpr", -0.05, -0.01) == "better"
+    assert M.comparison("aupr_error", math.nan, math.nan) == "n/a"
+    assert M.LOWER_IS_BETTER.issubset(M.METRIC_NAMES)
+    with pytest.raises(ValueError, match="unknown metric 'aupr'; valid: accuracy, auroc"):
+        M.comparison("aupr", 0.01, 0.05)

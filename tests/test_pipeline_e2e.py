@@ -35,6 +35,7 @@ from conftest import (
 
 from pipeline.baselines import SCORERS
 from pipeline.metrics import METRIC_NAMES
+from pipeline.report import plural
 
 BASELINE_METHODS = tuple(SCORERS.names())  # every registered scoring function
 METHODS = (*BASELINE_METHODS, "confidnet", "confidnet_finetuned")
@@ -161,15 +162,23 @@ def assert_report_reads_on_its_own(project: Path, text: str) -> None:
     confidnet = json.loads((project / "metrics" / "train_confidnet.json").read_text())
     prose = text.split("```yaml")[0]  # the params block after it may hold `checksums: {}`
     assert "{" not in prose, "unformatted placeholder in the report"
-    assert f"**{evaluation['errors']} errors among {evaluation['size']} test samples**" in text
-    assert f"**{confidnet['train_errors']} classifier errors among" in text
+    errors = plural(evaluation["errors"], "error")
+    assert f"**{errors} among {evaluation['size']} test samples**" in text
+    assert f"**{plural(confidnet['train_errors'], 'classifier error')} among" in text
     mcp = evaluation["methods"]["mcp"]["aupr_error"]
     # the AUPR-Error column, with its interval (in bold if it is the column's best)
     assert f"{100 * mcp:.2f} [" in table_row(text, "MCP (baseline)")[1]
     for figure in ("risk_coverage.png", "confidence_histograms.png"):
         assert f"(figures/{figure})" in text
         assert (project / "reports" / "figures" / figure).stat().st_size > 0
-    assert git_head(project) in text  # provenance: the commit it ran at
+    # Nothing that differs between runs of the same inputs: no commit, no path, no run id
+    # (the runs are named by their MLflow experiment instead).
+    assert git_head(project) not in text and git_head(project)[:10] not in text
+    assert str(project) not in text and str(project.resolve()) not in text
+    run_ids = [r.info.run_id for r in runs_in(f"sqlite:///{project / 'mlflow.db'}")]
+    assert run_ids, "the stages logged no MLflow run"
+    assert not [i for i in run_ids if i in text], "an MLflow run id in the report"
+    assert f"MLflow: experiment `{EXPERIMENT}`" in text
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
