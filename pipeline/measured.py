@@ -252,7 +252,10 @@ def _commits(row: Mapping[str, Any]) -> str:
     commits = row.get("git_commits") or {}
     if len(set(commits.values())) <= 1:
         return f"commit `{row['git_commit'][:12]}`"
-    return "commits " + ", ".join(f"`{c[:12]}` ({name})" for name, c in commits.items())
+    # In the row's experiment order: the JSON is written with sorted keys, so the mapping's
+    # own order differs between a fresh row and one read back.
+    names = [name for name in row.get("experiments", []) if name in commits]
+    return "commits " + ", ".join(f"`{commits[name][:12]}` ({name})" for name in names)
 
 
 def paper_row(setting: str) -> dict[str, Any] | None:
