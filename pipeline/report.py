@@ -109,11 +109,13 @@ def significance_table(significance: Mapping[str, Any]) -> str:
 
 
 def provenance_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """One row per stage run record: its MLflow run, DVC experiment and git commit."""
+    """One row per stage run record (``runs/<stage>.json``): what the stage logged to MLflow
+    (and ``python -m pipeline.replay`` would log again). Records hold no run ids: the
+    runs are found in MLflow by experiment and stage."""
     return markdown_table(
-        ["Stage", "MLflow run id", "DVC experiment", "git commit"],
-        [[r["stage"], f"`{r['mlflow_run_id'] or 'not tracked'}`", r["dvc_exp_name"] or "-",
-          f"`{r['git_commit'][:10]}`"] for r in records])
+        ["Stage", "params", "final metrics", "per-epoch values"],
+        [[r["stage"], str(len(r["params"])), str(len(r["metrics"])), str(len(r["steps"]))]
+         for r in records])
 
 
 def render_report(data: Mapping[str, Any]) -> str:
