@@ -61,7 +61,8 @@ FINAL_STAGE = STAGE_ORDER[-1]
 PIPELINE_KEY = "pipeline_key"
 REPLAY_KEY = "replay_key"
 PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests a run under another
-# Opens the experiment on its runs table in the MLflow 3 UI (not the GenAI overview).
+# Tells MLflow 3 UIs that read it to open the experiment on its runs table, not the GenAI
+# overview (MLflow 3.17's "GenAI / Model training" switch overrides it; see README).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Params named in the parent's name before "+N more".
 NAMED_CHANGES = 3

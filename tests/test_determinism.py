@@ -26,8 +26,9 @@ def test_outputs_identical_across_fresh_runs(twin_projects: dict[str, Reproduced
     a, b = twin_projects["tracked"].path, twin_projects["offline"].path
     assert a != b
 
-    # every metrics file and per-epoch / evaluation curve, byte for byte
-    for pattern in ("metrics/*.json", "plots/*.csv", "data/*"):
+    # every metrics file, per-epoch / evaluation curve and run record, byte for byte (the
+    # records hold what was logged, not where: tracked or not, they are the same)
+    for pattern in ("metrics/*.json", "plots/*.csv", "data/*", "runs/*.json"):
         names = files(a, pattern)
         assert names and names == files(b, pattern), pattern
         for name in names:
