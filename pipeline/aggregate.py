@@ -8,7 +8,10 @@ Run several seeds as DVC experiments, then aggregate them::
 
 Experiments are grouped by every parameter except ``seed``; each group gives, per method
 and metric, the mean, the sample standard deviation and the number of seeds. The test
-metrics come from each experiment's ``metrics/evaluate.json`` as DVC recorded it.
+metrics come from each experiment's ``metrics/evaluate.json``: from ``dvc exp show`` for
+experiments made when it was DVC's metrics file, else read from the experiment's outputs in
+DVC's cache (``dvc.api.read``; it is a plain output since ``metrics/headline.json`` took
+its place).
 """
 
 from __future__ import annotations
@@ -16,19 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts import HEADLINE, TEST_METRICS
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.methods import method_label, ordered_methods
 from pipeline.report import TABLE_COLUMNS
 from pipeline.tables import markdown_table
 
-EVALUATE_METRICS = "metrics/evaluate.json"
+EVALUATE_METRICS = TEST_METRICS.as_posix()
+HEADLINE_METRICS = HEADLINE.as_posix()
 
 
 @dataclass(frozen=True)
@@ -74,15 +80,40 @@ def _revisions(exp_show: Sequence[Mapping[str, Any]],
                     yield rev.get("name") or rev["rev"], rev["data"], rev["rev"], entry["rev"]
 
 
-def parse_exp_show(exp_show: Sequence[Mapping[str, Any]]) -> list[ExperimentResult]:
-    """Results of every revision in ``dvc exp show --json`` output that has test metrics.
-    The workspace is skipped when an experiment has the same params (it is that run)."""
+def read_test_metrics(rev: str, repo: str = ".") -> dict[str, Any] | None:
+    """``metrics/evaluate.json`` as it is in experiment or commit ``rev`` (the workspace for
+    ``"workspace"``), from DVC's cache; None, with a note on stderr, if it cannot be read
+    (not in this clone's cache, say)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        text = dvc.api.read(EVALUATE_METRICS, repo=repo,
+                            rev=None if rev == "workspace" else rev)
+    except (DvcException, OSError, ValueError) as error:
+        print(f"note: {EVALUATE_METRICS} of {rev} cannot be read "
+              f"({type(error).__name__}: {error}); left out", file=sys.stderr)
+        return None
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def parse_exp_show(exp_show: Sequence[Mapping[str, Any]],
+                   read: Callable[[str], Mapping[str, Any] | None] = read_test_metrics,
+                   ) -> list[ExperimentResult]:
+    """Results of every revision in ``dvc exp show --json`` output that has test metrics:
+    ``metrics/evaluate.json`` among its DVC metrics (experiments of older commits), or
+    ``read(rev)`` of it for a revision whose metrics hold the headline. The workspace is
+    skipped when an experiment has the same params (it is that run)."""
     results = []
     for name, data, rev, baseline in _revisions(exp_show):
-        metrics = (data.get("metrics") or {}).get(EVALUATE_METRICS, {}).get("data")
+        shown = data.get("metrics") or {}
+        metrics = shown.get(EVALUATE_METRICS, {}).get("data")
+        if not metrics and shown.get(HEADLINE_METRICS, {}).get("data"):
+            metrics = read(rev)
         params = (data.get("params") or {}).get("params.yaml", {}).get("data")
         if metrics and params:
-            results.append(ExperimentResult(name, params, metrics, rev, baseline))
+            results.append(ExperimentResult(name, params, dict(metrics), rev, baseline))
     others = [json.dumps(r.params, sort_keys=True) for r in results if r.name != "workspace"]
     return [r for r in results
             if r.name != "workspace" or json.dumps(r.params, sort_keys=True) not in others]

@@ -28,6 +28,9 @@ TEST_METRICS = METRICS / "evaluate.json"
 VALIDATION_METRICS = METRICS / "validation.json"
 INTERVALS = METRICS / "intervals.json"
 SIGNIFICANCE = METRICS / "significance.json"
+# The pipeline's only DVC metrics file (pipeline.headline); every other file of metrics/
+# is a plain output.
+HEADLINE = METRICS / "headline.json"
 PLOTS = Path("plots")
 CLASSIFIER_CURVES = PLOTS / "classifier_curves.csv"
 CONFIDNET_CURVES = PLOTS / "confidnet_curves.csv"
@@ -86,7 +89,7 @@ STAGES: dict[str, StageFiles] = {
         (DATA, FEATURES, CLASSIFIER), (run_record_path("baselines"), BASELINE_SCORES)),
     "evaluate": StageFiles(
         (FEATURES, SCORES),
-        (run_record_path("evaluate"), TEST_METRICS, VALIDATION_METRICS, INTERVALS,
+        (run_record_path("evaluate"), HEADLINE, TEST_METRICS, VALIDATION_METRICS, INTERVALS,
          SIGNIFICANCE, RISK_COVERAGE, PR_ERROR)),
     # The report reads no run record: it names no run id (see stages/report.py).
     "report": StageFiles(

@@ -7,11 +7,11 @@ Run the setting over seeds as DVC experiments, then aggregate them::
     dvc queue start -j 1        # wait for `dvc queue status` to show them done
     python -m pipeline.measured mnist_mlp
 
-It reads each experiment's test metrics (``metrics/evaluate.json``) through ``dvc exp
-show``, and its test scores and classifier predictions from the DVC cache (``dvc.api``),
-then writes, per method and metric, the mean, sample standard deviation and per-seed
-values, and a paired bootstrap of ConfidNet against each baseline pooled over the seeds
-(:func:`pipeline.metrics.seed_paired_bootstrap`: every seed's test set is resampled
+It reads each experiment's params through ``dvc exp show``, and its test metrics
+(``metrics/evaluate.json``), test scores and classifier predictions from the DVC cache
+(``dvc.api``), then writes, per method and metric, the mean, sample standard deviation
+and per-seed values, and a paired bootstrap of ConfidNet against each baseline pooled over
+the seeds (:func:`pipeline.metrics.seed_paired_bootstrap`: every seed's test set is resampled
 within that seed, and the statistic is the mean over seeds of the per-seed difference).
 ``python -m pipeline.table1 --measured reports/measured`` builds Table 1 from these files.
 
@@ -152,8 +152,8 @@ def wall_times(names: Sequence[str]) -> dict[str, dict[str, float]]:
         for name in names:
             for run in client.search_runs(experiments, f"tags.dvc_exp_name = '{name}'",
                                           max_results=100):
-                if run.info.status == "FINISHED" and run.info.end_time:
-                    stage = run.data.tags.get("dvc_stage", run.info.run_name)
+                stage = run.data.tags.get("dvc_stage")  # none: the pipeline's parent run
+                if stage and run.info.status == "FINISHED" and run.info.end_time:
                     empty[name][stage] = (run.info.end_time - run.info.start_time) / 1000
         return empty
     except (MlflowException, OSError):  # an unreachable store only loses the timing

@@ -2,8 +2,9 @@
 
 A stage whose MLflow store was down or locked still finished: its DVC outputs hold every
 number, and ``runs/<stage>.json`` records what the stage logged (or tried to log): the
-flattened params, the final metrics and the per-step ones, and the run's tags. Once the
-store works, run from the project root::
+flattened params, the final metrics and tags, the per-step metrics, and what it logged on
+the pipeline's parent run (the headline, for ``evaluate``). Once the store works, run from
+the project root::
 
     python -m pipeline.replay                   # every stage whose outputs exist
     python -m pipeline.replay --only-missing    # skip runs the store already holds
@@ -11,24 +12,24 @@ store works, run from the project root::
 
 Each stage gets a new MLflow run in the experiment ``tracking.experiment`` of
 ``params.yaml``, in the store stages use (``MLFLOW_TRACKING_URI``, else ``mlflow.db``),
-holding exactly what its record holds, plus the tags ``replayed=true`` and ``replay_of``
-(the recorded run id). Nothing is recomputed. Artifacts are not logged (they are DVC
-outputs).
+holding exactly what its record holds, plus the tags ``replayed=true``, ``git_commit``
+(``HEAD`` now) and ``dvc_exp_name`` (``DVC_EXP_NAME``, usually empty). The runs are nested
+under the parent run of this commit and ``params.yaml`` (the one the stages made, if they
+tracked anything, else a new one), which gets what the records logged on it. Nothing is
+recomputed. Artifacts are not logged (they are DVC outputs).
 
-``--only-missing`` skips a stage whose recorded run is in the store and FINISHED, or whose
-record was already replayed there (tag ``replay_key``, a hash of what is logged), so it
-can be rerun safely. The workspace must hold the outputs to replay: for an experiment,
-``dvc exp apply <name>`` first. A stage whose ``dvc.lock`` params differ from
-``params.yaml`` is skipped (its outputs do not come from these params). Nothing in the
-workspace is changed. Exit status: 0 done; 1 MLflow failed, or a stage was skipped
-(stale params, unreadable record); 2 bad arguments.
+``--only-missing`` skips a stage whose record the store already holds: a FINISHED run,
+logged by the stage itself or by an earlier replay, tagged with the record's
+``replay_key`` (a hash of its content), so it can be rerun safely. The workspace must hold
+the outputs to replay: for an experiment, ``dvc exp apply <name>`` first. A stage whose
+``dvc.lock`` params differ from ``params.yaml`` is skipped (its outputs do not come from
+these params). Nothing in the workspace is changed. Exit status: 0 done; 1 MLflow failed,
+or a stage was skipped (stale params, unreadable record); 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -66,24 +67,12 @@ def stale_params(stage: Stage, params: dict[str, Any]) -> list[str]:
             if dvcfile.lookup(params, key, dvcfile.MISSING) != value]
 
 
-def _run_exists(client: Any, run_id: str) -> bool:
-    """Whether ``run_id`` is in the store and FINISHED (a run cut off by a tracking failure
-    stays RUNNING and is replayed)."""
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return False
-    try:
-        return client.get_run(run_id).info.status == "FINISHED"
-    except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
-
-
-def _replayed(client: Any, experiment_id: str, key: str) -> str | None:
+def _logged(client: Any, experiment_id: str, key: str) -> str | None:
+    """A FINISHED run of the experiment holding the record with ``key`` (see
+    :func:`pipeline.tracking.record_key`), logged by a stage or a replay."""
     found = client.search_runs(
-        [experiment_id], f"tags.replay_key = '{key}' and attributes.status = 'FINISHED'",
+        [experiment_id],
+        f"tags.{tracking.REPLAY_KEY} = '{key}' and attributes.status = 'FINISHED'",
         max_results=1)
     return found[0].info.run_id if found else None
 
@@ -93,44 +82,39 @@ class Payload:
     """What one stage's replayed run holds, read from its outputs."""
 
     stage: str
-    context: dict[str, str]  # tags of the original run
-    recorded: str  # its run id, "" when none was recorded
+    key: str  # the record's replay_key
     params: dict[str, str]
     final: dict[str, float]
+    tags: dict[str, str]
     steps: list[tuple[int, str, float]]  # (epoch, metric, value)
-
-    def key(self) -> str:
-        content = json.dumps([self.stage, self.context, self.params, self.final, self.steps],
-                             sort_keys=True)
-        return hashlib.sha256(content.encode()).hexdigest()[:20]
+    parent_metrics: dict[str, float]
+    parent_tags: dict[str, str]
 
 
 def read_payload(stage: Stage) -> Payload:
     """The payload of ``runs/<stage>.json``, as the stage recorded it."""
     record = read_json(run_record_path(stage.name))
-    context = {key: str(record.get(key) or "") for key in ("dvc_exp_name", "git_commit")}
+    parent = record.get("parent") or {}
     return Payload(
-        stage=stage.name, context={**context, "dvc_stage": stage.name},
-        recorded=record.get("mlflow_run_id") or "",
+        stage=stage.name, key=tracking.record_key(record),
         params={k: str(v) for k, v in record["params"].items()},
         final=tracking.finite(record["metrics"]),
+        tags={k: str(v) for k, v in (record.get("tags") or {}).items()},
         steps=[(int(step), str(key), float(value)) for step, key, value in record["steps"]],
+        parent_metrics=tracking.finite(parent.get("metrics") or {}),
+        parent_tags={k: str(v) for k, v in (parent.get("tags") or {}).items()},
     )
 
 
-def log_payload(client: Any, experiment_id: str, payload: Payload, only_missing: bool) -> str:
-    """Log one stage's run; returns what happened, for the user."""
+def log_payload(client: Any, experiment_id: str, payload: Payload, parent_id: str,
+                context: dict[str, str]) -> str:
+    """Log one stage's run under ``parent_id``; returns what happened, for the user."""
     from mlflow.entities import Metric, Param, RunTag
 
-    if only_missing and _run_exists(client, payload.recorded):
-        return f"skipped: its run {payload.recorded} is in the store"
-    key = payload.key()
-    if only_missing and (done := _replayed(client, experiment_id, key)):
-        return f"skipped: already replayed as run {done}"
-
-    tags = {**payload.context, "replayed": "true", "replay_of": payload.recorded}
+    tags = {**context, **payload.tags, "dvc_stage": payload.stage, "replayed": "true",
+            tracking.PARENT_TAG: parent_id}
     run = client.create_run(experiment_id, tags=tags,
-                            run_name=tracking.run_name(payload.context, payload.stage))
+                            run_name=tracking.run_name(context, payload.stage))
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in payload.final.items()]
@@ -140,11 +124,46 @@ def log_payload(client: Any, experiment_id: str, payload: Payload, only_missing:
         client.log_batch(run_id, params=params[start:start + 100])
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    if payload.parent_metrics or payload.parent_tags:
+        tracking.log_to_run(client, parent_id, payload.parent_metrics, payload.parent_tags)
     # The key last: a replay cut off half-way is not taken for a complete one.
-    client.log_batch(run_id, tags=[RunTag("replay_key", key)])
+    client.log_batch(run_id, tags=[RunTag(tracking.REPLAY_KEY, payload.key)])
     client.set_terminated(run_id, "FINISHED")
     return (f"logged run {run_id}: {len(params)} params, {len(payload.final)} final "
             f"metrics, {len(payload.steps)} per-epoch values")
+
+
+def replay(uri: str, params: dict[str, Any], payloads: Sequence[Payload],
+           only_missing: bool) -> None:
+    """Log ``payloads`` into the store at ``uri`` under this workspace's parent run, and
+    print what happened to each."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment_id = tracking.experiment_id(mlflow, params["tracking"]["experiment"], uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    todo = []
+    for payload in payloads:
+        done = _logged(client, experiment_id, payload.key) if only_missing else None
+        if done:
+            print(f"{payload.stage}: skipped: the store holds its record as run {done}")
+        else:
+            todo.append(payload)
+    if not todo:
+        return
+    context = tracking.dvc_context()
+    context.pop("dvc_stage")
+    params_path = Path("params.yaml")
+    parent_id, created = tracking.parent_run(
+        client, experiment_id, tracking.pipeline_key(context, params_path.read_text()),
+        name=tracking.parent_name(context, tracking.changed_params(
+            params, tracking.baseline_params())),
+        tags={**context, "replayed": "true"}, params=tracking.flatten(params), uri=uri,
+        unfinished_only=False)
+    for payload in todo:
+        print(f"{payload.stage}: {log_payload(client, experiment_id, payload, parent_id, context)}")
+    if created:
+        client.set_terminated(parent_id, "FINISHED")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a stage to replay (repeatable); default: every stage whose "
                              "outputs exist")
     parser.add_argument("--only-missing", action="store_true",
-                        help="skip stages whose recorded run is in the store, or that were "
-                             "already replayed")
+                        help="skip stages whose record the store already holds (logged by "
+                             "the stage or replayed)")
     args = parser.parse_args(argv)
 
     from pipeline.config import load_params
@@ -212,16 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
 
     tracking.client_defaults()
-    import mlflow
-
     uri = tracking.tracking_uri()
     try:
-        mlflow.set_tracking_uri(uri)
-        experiment_id = tracking.experiment_id(mlflow, params["tracking"]["experiment"], uri)
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        for payload in payloads:
-            outcome = log_payload(client, experiment_id, payload, args.only_missing)
-            print(f"{payload.stage}: {outcome}")
+        replay(uri, params, payloads, args.only_missing)
     except Exception as error:  # noqa: BLE001  the store: unreachable, locked, refusing
         print(f"error: MLflow at {uri} failed ({type(error).__name__}: {error}); nothing "
               "is lost, rerun with --only-missing once it works", file=sys.stderr)

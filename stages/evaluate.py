@@ -1,12 +1,14 @@
-"""Stage 7: every failure metric of every method on validation and test, DVC metrics and
-plots, bootstrap 95% intervals of every test metric, and a paired bootstrap of ConfidNet
-against each baseline."""
+"""Stage 7: every failure metric of every method on validation and test, plots, bootstrap
+95% intervals of every test metric, a paired bootstrap of ConfidNet against each baseline,
+and the headline (``pipeline.headline``): the DVC metrics, and the MLflow parent run's."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pipeline.artifacts import (
+    HEADLINE,
     INTERVALS,
     PR_ERROR,
     RISK_COVERAGE,
@@ -14,6 +16,7 @@ from pipeline.artifacts import (
     TEST_METRICS,
     VALIDATION_METRICS,
 )
+from pipeline.headline import headline, numbers, words
 from pipeline.io import atomic_write_json, atomic_write_text, rows_csv
 from pipeline.methods import CHALLENGERS, ORACLES
 from pipeline.metrics import (
@@ -26,7 +29,7 @@ from pipeline.metrics import (
 )
 from pipeline.outputs import load_features, load_scores
 from pipeline.stage import run_stage
-from pipeline.tracking import StageRun, evaluation_metrics
+from pipeline.tracking import StageRun, evaluation_tables
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
@@ -39,8 +42,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
             "size": int(correct[split].size),
             "errors": int((1 - correct[split]).sum()),
         }
-    # Test metrics are the DVC metrics that `dvc exp show` compares; validation ones are
-    # kept beside them for model-selection diagnostics.
+    # Every test metric, and the validation ones for model-selection diagnostics; the
+    # headline below is what `dvc exp show` compares.
     atomic_write_json(TEST_METRICS, results["test"])
     atomic_write_json(VALIDATION_METRICS, results["val"])
 
@@ -78,10 +81,12 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     atomic_write_text(RISK_COVERAGE, rows_csv(rc_rows))
     atomic_write_text(PR_ERROR, rows_csv(pr_rows))
 
-    run.log_metrics(evaluation_metrics(results, intervals))
-    run.log_artifact(TEST_METRICS)
-    run.log_artifact(SIGNIFICANCE)
-    run.log_artifact(INTERVALS)
+    values = headline(results["test"], significance)
+    # Not sorted: `dvc exp show` shows the columns in the file's order.
+    atomic_write_text(HEADLINE, json.dumps(values, indent=2) + "\n")
+    run.log_headline(numbers(values), words(values))
+    for name, table in evaluation_tables(results, intervals, significance).items():
+        run.log_table(table, name)
 
 
 if __name__ == "__main__":

@@ -187,19 +187,37 @@ def make_project(dest: Path, params: Mapping[str, Any] | None = None) -> Path:
     return dest
 
 
-def toy_dvc_project(dest: Path, params: str, stage: str, stage_params: Sequence[str],
-                    outs: Sequence[str] = ()) -> Path:
-    """A committed git + DVC project in ``dest`` whose one stage, ``evaluate``, runs the
-    Python ``stage`` (which writes metrics/evaluate.json from params.yaml, and ``outs``,
-    cached by DVC) and declares ``stage_params``: for tests of tools that read `dvc exp
-    show` and experiments' outputs."""
+# Writes a one-number metrics/headline.json from metrics/evaluate.json, as the real
+# evaluate stage writes its headline beside it.
+TOY_HEADLINE = ("python -c \"import json; d = json.load(open('metrics/evaluate.json')); "
+                "json.dump({'test/errors': d['errors']}, open('metrics/headline.json', 'w'))\"")
+
+
+def toy_dvc_yaml(stage_params: Sequence[str], outs: Sequence[str] = (),
+                 headline: bool = False) -> str:
+    """``dvc.yaml`` of :func:`toy_dvc_project`: ``metrics/evaluate.json`` is its metrics
+    file, or, with ``headline``, a plain output beside ``metrics/headline.json`` (the
+    pipeline's layout since the headline became its only metrics file)."""
     evaluate: dict[str, Any] = {
         "cmd": "mkdir -p metrics && python stage.py", "deps": ["stage.py"],
         "params": list(stage_params), "metrics": ["metrics/evaluate.json"]}
     if outs:
         evaluate["outs"] = list(outs)
-    dvc_yaml = yaml.safe_dump({"stages": {"evaluate": evaluate}})
-    files = {"params.yaml": params, "stage.py": stage, "dvc.yaml": dvc_yaml}
+    if headline:
+        evaluate["cmd"] += f" && {TOY_HEADLINE}"
+        evaluate["metrics"] = ["metrics/headline.json"]
+        evaluate["outs"] = [*outs, "metrics/evaluate.json"]
+    return yaml.safe_dump({"stages": {"evaluate": evaluate}})
+
+
+def toy_dvc_project(dest: Path, params: str, stage: str, stage_params: Sequence[str],
+                    outs: Sequence[str] = (), headline: bool = False) -> Path:
+    """A committed git + DVC project in ``dest`` whose one stage, ``evaluate``, runs the
+    Python ``stage`` (which writes metrics/evaluate.json from params.yaml, and ``outs``,
+    cached by DVC) and declares ``stage_params`` (see :func:`toy_dvc_yaml` for
+    ``headline``): for tests of tools that read `dvc exp show` and experiments' outputs."""
+    files = {"params.yaml": params, "stage.py": stage,
+             "dvc.yaml": toy_dvc_yaml(stage_params, outs, headline)}
     dest.mkdir(parents=True, exist_ok=True)
     for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                     ["git", "config", "user.name", "t"],
@@ -329,11 +347,21 @@ def wait_for_queue(project: Path, names: set[str], timeout_s: float) -> dict[str
 
 
 def experiments_shown(project: Path) -> dict[str, dict[str, Any]]:
-    """Experiment name -> its `dvc exp show --json` data (params, metrics)."""
+    """Experiment name -> its `dvc exp show --json` data (params, metrics), plus ``rev``,
+    its git revision (see :func:`experiment_output`)."""
     shown = json.loads(run(project, ["dvc", "exp", "show", "--json"]).stdout)
     found = {}
     for commit in shown:
         for experiment in commit.get("experiments") or []:
             for rev in experiment["revs"]:
-                found[rev["name"]] = rev["data"]
+                found[rev["name"]] = {**rev["data"], "rev": rev["rev"]}
     return found
+
+
+def experiment_output(project: Path, data: Mapping[str, Any], path: str) -> Any:
+    """The JSON output ``path`` of the experiment whose :func:`experiments_shown` data is
+    ``data``, read from DVC's cache (``metrics/headline.json`` is the only file `dvc exp
+    show` carries)."""
+    import dvc.api
+
+    return json.loads(dvc.api.read(path, repo=str(project), rev=data["rev"]))

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import run, toy_dvc_project
+from conftest import run, toy_dvc_project, toy_dvc_yaml
 
 from pipeline.aggregate import ExperimentResult, aggregate, parse_exp_show, render
 
@@ -75,6 +75,33 @@ def test_aggregates_real_dvc_experiments(tmp_path: Path) -> None:
         assert stats["mean"] == pytest.approx(0.1 + offset)
         assert stats["std"] == pytest.approx(0.1)
     assert "± 10.00" in (tmp_path / "reports" / "seeds.md").read_text()
+
+
+@pytest.mark.slow
+def test_aggregates_experiments_of_both_metrics_layouts(tmp_path: Path) -> None:
+    """Experiments made while metrics/evaluate.json was DVC's metrics file (`dvc exp show`
+    carries it) and after it became a plain output beside metrics/headline.json (read from
+    the experiment's outputs in DVC's cache) aggregate together."""
+    toy_dvc_project(tmp_path, "seed: 0\nloss: mse\n", STAGE, ["seed", "loss"])
+    for seed in (0, 1):
+        run(tmp_path, ["dvc", "exp", "run", "-S", f"seed={seed}"])
+    run(tmp_path, ["git", "checkout", "--", "params.yaml"])
+    (tmp_path / "dvc.yaml").write_text(toy_dvc_yaml(["seed", "loss"], headline=True))
+    run(tmp_path, ["git", "commit", "-qam", "metrics/headline.json is the metrics file"])
+    for seed, loss in ((2, "mse"), (0, "focal"), (1, "focal")):
+        run(tmp_path, ["dvc", "exp", "run", "-S", f"seed={seed}", "-S", f"loss={loss}"])
+    shown = json.loads(run(tmp_path, ["dvc", "exp", "show", "--json", "-A"]).stdout)
+    new = [rev["data"]["metrics"] for entry in shown for e in entry.get("experiments") or []
+           for rev in e["revs"] if "metrics/headline.json" in rev["data"]["metrics"]]
+    assert len(new) == 3 and all("metrics/evaluate.json" not in m for m in new)
+
+    run(tmp_path, ["python", "-m", "pipeline.aggregate", "--all-commits"])
+    groups = {g["params"]["loss"]: g for g in
+              json.loads((tmp_path / "reports" / "seeds.json").read_text())}
+    assert sorted(groups["mse"]["seeds"]) == [0, 1, 2]
+    assert sorted(groups["focal"]["seeds"]) == [0, 1]
+    assert groups["mse"]["methods"]["mcp"]["aupr_error"]["mean"] == pytest.approx(0.1)
+    assert groups["focal"]["methods"]["mcp"]["aupr_error"]["mean"] == pytest.approx(0.55)
 
 
 def test_parse_skips_workspace_duplicate_and_revisions_without_metrics() -> None:

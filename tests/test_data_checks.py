@@ -228,8 +228,12 @@ def test_run_stage_exits_2_with_one_message(tmp_path: Path, pristine: Path,
     assert "records 1\n  The prepared dataset is corrupt" in err and "Traceback" not in err
     assert not (project / "runs").exists()
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("confidnet").experiment_id])
-    assert run.info.status == "FAILED" and run.data.tags["dvc_stage"] == "check_data"
+    # the stage's run, nested under the pipeline's parent run, which fails with it
+    [run] = client.search_runs([client.get_experiment_by_name("confidnet").experiment_id],
+                               "tags.dvc_stage = 'check_data'")
+    assert run.info.status == "FAILED"
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
 
 
 def test_stage_module_exits_2_without_traceback(tmp_path: Path, pristine: Path) -> None:

@@ -26,10 +26,11 @@ def test_outputs_identical_across_fresh_runs(twin_projects: dict[str, Reproduced
     a, b = twin_projects["tracked"].path, twin_projects["offline"].path
     assert a != b
 
-    # every metrics file and per-epoch / evaluation curve, byte for byte; and the report
-    # with its figures, though the twins differ in path and in MLflow run ids
-    for pattern in ("metrics/*.json", "plots/*.csv", "data/*", "reports/report.md",
-                    "reports/figures/*.png"):
+    # every metrics file, per-epoch / evaluation curve and run record, byte for byte (the
+    # records hold what was logged, not where), and the report with its figures, though the
+    # twins differ in path and in MLflow run ids
+    for pattern in ("metrics/*.json", "plots/*.csv", "data/*", "runs/*.json",
+                    "reports/report.md", "reports/figures/*.png"):
         names = files(a, pattern)
         assert names and names == files(b, pattern), pattern
         for name in names:

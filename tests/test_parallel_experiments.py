@@ -1,8 +1,9 @@
 """Four queued experiments run two at a time (`dvc queue start -j 2`) in a fresh project
 whose mlflow.db does not exist yet, so the first stages of two experiments open it at the
 same moment (the SQLite first-use race: two processes creating one store at once). All
-four succeed, and MLflow holds one complete run per experiment, in the project's store
-(reached through DVC_ROOT from the queue's temporary copies), with its artifacts beside it."""
+four succeed, and MLflow holds one parent run per experiment with its stages nested under
+it, in the project's store (reached through DVC_ROOT from the queue's temporary copies),
+with its artifacts beside it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from pathlib import Path
 
 import pytest
 from conftest import experiments_shown, run, start_queue, wait_for_queue
-
-from pipeline.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -68,16 +67,22 @@ def test_four_queued_experiments_two_at_a_time(fresh_project: Path) -> None:
         key, value = OVERRIDES[override]
         data = shown[name]
         assert data["params"]["params.yaml"]["data"][key] == value, name
-        evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
+        headline = data["metrics"]["metrics/headline.json"]["data"]
         mine = [r for r in runs if r.data.tags.get("dvc_exp_name") == name]
+        # one parent per experiment, named after it and its override, every stage under it
+        [parent] = [r for r in mine if "dvc_stage" not in r.data.tags]
+        assert parent.info.run_name == f"{name} ({override})", parent.info.run_name
+        stages = [r for r in mine if "dvc_stage" in r.data.tags]
+        assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {parent.info.run_id}
         for stage in MUST_RUN:
-            assert sum(r.data.tags["dvc_stage"] == stage for r in mine) == 1, (name, stage)
-        [evaluate] = [r for r in mine if r.data.tags["dvc_stage"] == "evaluate"]
+            assert sum(r.data.tags["dvc_stage"] == stage for r in stages) == 1, (name, stage)
+        [evaluate] = [r for r in stages if r.data.tags["dvc_stage"] == "evaluate"]
         assert evaluate.data.params[key] == value, name
-        for method, values in evaluation["methods"].items():
-            for metric in METRIC_NAMES:
-                logged = evaluate.data.metrics[f"test/{method}/{metric}"]
-                assert logged == pytest.approx(values[metric], rel=1e-12), (name, method, metric)
+        for logged in (evaluate, parent):  # the headline, under DVC's names
+            assert set(logged.data.metrics) | {"test/vs_mcp/verdict"} == set(headline), name
+            for metric, number in logged.data.metrics.items():
+                assert number == pytest.approx(headline[metric], rel=1e-12), (name, metric)
+            assert logged.data.tags["test/vs_mcp/verdict"] == headline["test/vs_mcp/verdict"]
         artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
-        assert "evaluate.json" in artifacts, (name, artifacts)
+        assert "test_metrics.json" in artifacts, (name, artifacts)
     print(f"4 experiments, -j 2: {elapsed:.0f} s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import subprocess
 import time
 from collections import Counter
@@ -25,7 +26,9 @@ import pytest
 import yaml
 from conftest import (
     FAST_OVERRIDES,
+    REPO,
     STAGES,
+    experiments_shown,
     fast_params,
     git_head,
     run,
@@ -36,6 +39,7 @@ from conftest import (
 from pipeline.baselines import SCORERS
 from pipeline.metrics import METRIC_NAMES
 from pipeline.report import plural
+from pipeline.tracking import flatten
 
 BASELINE_METHODS = tuple(SCORERS.names())  # every registered scoring function
 METHODS = (*BASELINE_METHODS, "confidnet", "confidnet_finetuned")
@@ -59,6 +63,7 @@ class Command:
     started: float
     finished: float
     evaluation: dict[str, Any] | None
+    headline: dict[str, Any] | None
 
 
 @dataclass
@@ -88,10 +93,12 @@ def dvc(project: Path, label: str, args: Sequence[str], *,
     out = output_of(proc)
     names = EXP_NAME.findall(out)
     evaluation = project / "metrics" / "evaluate.json"
+    headline = project / "metrics" / "headline.json"
     LEDGER.commands.append(Command(
         label=label, args=list(args), stages=RUNNING.findall(out),
         exp_name=names[-1] if names else None, head=head, started=started,
         finished=finished, evaluation=read_json(evaluation) if evaluation.exists() else None,
+        headline=read_json(headline) if headline.exists() else None,
     ))
     assert git_head(project) == head, f"`{' '.join(args)}` moved HEAD"
     return proc
@@ -240,7 +247,15 @@ def runs_in(uri: str) -> list[Any]:
                                   output_format="list")
 
 
-def test_mlflow_has_one_run_per_stage_execution(project: Path) -> None:
+def stage_runs(runs: list[Any]) -> list[Any]:
+    return [r for r in runs if "dvc_stage" in r.data.tags]
+
+
+def parents(runs: list[Any]) -> list[Any]:
+    return [r for r in runs if "dvc_stage" not in r.data.tags]
+
+
+def test_mlflow_has_one_parent_per_execution_and_one_run_per_stage(project: Path) -> None:
     import mlflow
 
     require_baseline()
@@ -249,20 +264,29 @@ def test_mlflow_has_one_run_per_stage_execution(project: Path) -> None:
     runs = runs_in(uri)
 
     executed = Counter(stage for c in LEDGER.commands for stage in c.stages)
-    logged = Counter(r.data.tags.get("dvc_stage") for r in runs)
+    logged = Counter(r.data.tags["dvc_stage"] for r in stage_runs(runs))
     assert logged == executed
     assert set(logged) == set(STAGES)
+    assert len(parents(runs)) == sum(bool(c.stages) for c in LEDGER.commands)
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     epochs = FAST_OVERRIDES["classifier"]["epochs"]
+    shown = experiments_shown(project)
     for command in LEDGER.commands:
         # a run belongs to the command during which it started
         mine = [r for r in runs
                 if command.started * 1000 <= r.info.start_time <= command.finished * 1000]
-        assert sorted(r.data.tags["dvc_stage"] for r in mine) == sorted(command.stages), \
-            command.label
-        for r in mine:
+        assert sorted(r.data.tags["dvc_stage"] for r in stage_runs(mine)) == \
+            sorted(command.stages), command.label
+        if not command.stages:
+            assert not mine, command.label
+            continue
+        [parent] = parents(mine)
+        assert parent.info.status == "FINISHED", command.label  # report ended it
+        assert parent.data.tags["git_commit"] == command.head, command.label
+        for r in stage_runs(mine):
             stage, tags = r.data.tags["dvc_stage"], r.data.tags
+            assert tags["mlflow.parentRunId"] == parent.info.run_id, (command.label, stage)
             assert r.info.status == "FINISHED", (command.label, stage)
             assert tags.get("git_commit") == command.head, (command.label, stage)
             if command.args[:3] == ["dvc", "exp", "run"]:
@@ -273,14 +297,56 @@ def test_mlflow_has_one_run_per_stage_execution(project: Path) -> None:
             if stage == "train_classifier":
                 history = client.get_metric_history(r.info.run_id, "val_accuracy")
                 assert len(history) == epochs, (command.label, len(history))
-            if stage == "evaluate":
-                assert command.evaluation is not None
-                for method in METHODS:
-                    for key in METRIC_KEYS:
-                        name = f"test/{method}/{key}"
-                        assert name in r.data.metrics, (command.label, name)
-                        assert r.data.metrics[name] == pytest.approx(
-                            command.evaluation["methods"][method][key]), (command.label, name)
+            if stage == "evaluate":  # the headline, not hundreds of metrics
+                assert command.headline is not None
+                assert set(r.data.metrics) == {k for k, v in command.headline.items()
+                                               if not isinstance(v, str)}, command.label
+                artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+                assert {"test_metrics.json", "val_metrics.json", "test_intervals.json",
+                        "test_paired_differences.json"} <= artifacts, artifacts
+
+        # The headline on the parent, under the names DVC shows for it
+        assert command.headline is not None
+        numbers = {k: v for k, v in command.headline.items() if not isinstance(v, str)}
+        words = {k: v for k, v in command.headline.items() if isinstance(v, str)}
+        assert 0 < len(numbers) <= 25 and words, command.label
+        assert parent.data.metrics == pytest.approx(numbers, rel=1e-12), command.label
+        assert {k: parent.data.tags[k] for k in words} == words, command.label
+        if command.exp_name:
+            dvc_names = set(shown[command.exp_name]["metrics"]["metrics/headline.json"]["data"])
+            assert dvc_names == set(parent.data.metrics) | set(words), command.label
+            override = command.label  # e.g. "loss=focal"
+            assert parent.info.run_name == f"{command.exp_name} ({override})", command.label
+        else:
+            assert parent.info.run_name == f"repro {command.head[:7]}", command.label
+        assert {k for k, v in parent.data.params.items()} == set(flatten(fast_params()))
+
+
+def test_exp_show_fits_160_columns_with_the_readme_command(project: Path) -> None:
+    """The README's commands: each experiment's name, the params that differ and headline
+    columns in a 160-column terminal, and only the headline among DVC's metrics."""
+    require_baseline()
+    shown = experiments_shown(project)
+    for name, data in shown.items():
+        assert list(data["metrics"]) == ["metrics/headline.json"], name
+    readme = (REPO / "README.md").read_text()
+    commands = [c for c in re.findall(r"^dvc exp show --only-changed .*$", readme, re.M)
+                if "--keep" in c]  # the ones said to fit 160 columns
+    assert len(commands) >= 3, commands
+    hide = re.search(r"^hide='([^']+)'$", readme, re.M)
+    assert hide is not None
+    for command in commands:
+        args = [a.replace("$hide", hide.group(1)) for a in shlex.split(command, comments=True)]
+        out = run(project, [*args, "--no-pager"], env={"COLUMNS": "160"}).stdout
+        print(f"$ COLUMNS=160 {command}\n{out}")
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= 160, out
+        assert "…" not in out, out  # no column collapsed for lack of room
+        header = lines[1]
+        for key in ("loss", "criterion", "seed", "test/"):
+            assert key in header, (key, out)
+        for name in shown:
+            assert f"[{name}]" in out, (name, out)
 
 
 def test_tracking_uri_override_logs_elsewhere(project: Path, tmp_path: Path) -> None:
@@ -293,9 +359,13 @@ def test_tracking_uri_override_logs_elsewhere(project: Path, tmp_path: Path) -> 
 
     assert {r.info.run_id for r in runs_in(default_uri)} == before
     other = runs_in(other_uri)
-    assert [r.data.tags.get("dvc_stage") for r in other] == ["evaluate"]
-    assert "test/confidnet/aupr_error" in other[0].data.metrics
-    assert other[0].data.tags.get("git_commit") == git_head(project)
+    assert [r.data.tags.get("dvc_stage") for r in stage_runs(other)] == ["evaluate"]
+    [evaluate] = stage_runs(other)
+    assert "test/confidnet/aupr_err" in evaluate.data.metrics
+    assert evaluate.data.tags.get("git_commit") == git_head(project)
+    [parent] = parents(other)
+    assert evaluate.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "test/confidnet/aupr_err" in parent.data.metrics
 
 
 # --- bad params -------------------------------------------------------------------------

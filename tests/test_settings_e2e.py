@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import experiments_shown, make_project, run, start_queue, wait_for_queue
+from conftest import (
+    experiment_output,
+    experiments_shown,
+    make_project,
+    run,
+    start_queue,
+    wait_for_queue,
+)
 from fake_datasets import NAMES, no_proxy_env, serve_folder, write_dataset
 
 from pipeline.settings import compose
@@ -93,11 +100,11 @@ def test_each_setting_ran_its_dataset_and_architecture(table1_project) -> None:
         params = params_of(data)
         seen[params["setting"]] = (params["dataset"], params["classifier"]["model"])
         assert params["budget"] == "smoke" and params["classifier"]["epochs"] == 1
-        evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
+        evaluation = experiment_output(project, data, "metrics/evaluate.json")
         assert {"mcp", "mc_dropout", "trustscore", "confidnet", "confidnet_finetuned"} \
             <= set(evaluation["methods"])
         assert evaluation["size"] == (100 if params["dataset"] == "cifar100" else 20)
-        classifier = data["metrics"]["metrics/classifier.json"]["data"]
+        classifier = experiment_output(project, data, "metrics/classifier.json")
         assert classifier["best_epoch"] == 1
     assert seen == PAPER_SETTINGS
     # archives were fetched once into the shared cache of the project (DVC_ROOT), not into
@@ -107,7 +114,7 @@ def test_each_setting_ran_its_dataset_and_architecture(table1_project) -> None:
 
 
 def test_single_knobs_override_the_preset(table1_project) -> None:
-    _, runs = table1_project
+    project, runs = table1_project
     data = runs["shown"][runs["overridden"]]
     params = params_of(data)
     assert params["setting"] == "cifar100_vgg16"
@@ -117,7 +124,7 @@ def test_single_knobs_override_the_preset(table1_project) -> None:
     assert cfg["augmentation"] == {"hflip": True, "rotate_degrees": 0.0, "crop_padding": 4}
     assert (params["loss"], params["criterion"], params["confidnet"]["features"]) == (
         "focal", "tcp_r", "no_dropout")
-    assert data["metrics"]["metrics/evaluate.json"]["data"]["methods"]["confidnet"]
+    assert experiment_output(project, data, "metrics/evaluate.json")["methods"]["confidnet"]
 
 
 def test_table1_aggregates_every_setting(table1_project) -> None:
@@ -135,7 +142,8 @@ def test_table1_aggregates_every_setting(table1_project) -> None:
     name = runs["swept"][0]
     data = runs["shown"][name]
     setting = params_of(data)["setting"]
-    ours = data["metrics"]["metrics/evaluate.json"]["data"]["methods"]["mcp"]["aupr_error"]
+    evaluation = experiment_output(project, data, "metrics/evaluate.json")
+    ours = evaluation["methods"]["mcp"]["aupr_error"]
     block = next(b for b in by_setting[setting] if name in b["experiments"])
     assert block["methods"]["mcp"]["aupr_error"]["ours"]["mean"] == pytest.approx(ours)
     paper = yaml.safe_load((project / "pipeline" / "paper_results.yaml").read_text())

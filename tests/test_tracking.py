@@ -1,8 +1,9 @@
-"""MLflow failures never cost a result: a stage whose store is unreachable (a closed port)
-or locked (another connection holds ``BEGIN EXCLUSIVE``) finishes fast with a warning and
-complete outputs, and ``python -m pipeline.replay`` logs those outputs later, into SQLite
-or a real ``mlflow server``, matching the DVC outputs and the runs the stages log
-themselves."""
+"""MLflow tracking: one parent run per pipeline execution with the stages nested under it,
+and records (``runs/<stage>.json``) without run ids. MLflow failures never cost a result: a
+stage whose store is unreachable (a closed port) or locked (another connection holds
+``BEGIN EXCLUSIVE``) finishes fast with a warning and complete outputs, and
+``python -m pipeline.replay`` logs those outputs later, into SQLite or a real
+``mlflow server``, matching the DVC outputs and the runs the stages log themselves."""
 
 from __future__ import annotations
 
@@ -29,14 +30,23 @@ from conftest import (
     Reproduced,
     fast_params,
     free_port,
+    git_head,
     run,
     subprocess_env,
     write_conf,
+    write_params,
 )
 
 from pipeline import replay
 from pipeline.stage import run_stage
-from pipeline.tracking import CLIENT_DEFAULTS, client_defaults, flatten
+from pipeline.tracking import (
+    CLIENT_DEFAULTS,
+    changed_params,
+    client_defaults,
+    flatten,
+    parent_name,
+    record_key,
+)
 from stages import download
 
 EXPERIMENT = fast_params()["tracking"]["experiment"]
@@ -53,14 +63,37 @@ def client_for(uri: str) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
-def runs_by_stage(uri: str) -> dict[str, list[Any]]:
+def all_runs(uri: str) -> list[Any]:
     client = client_for(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment is not None, f"no experiment {EXPERIMENT!r} at {uri}"
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def runs_by_stage(uri: str) -> dict[str, list[Any]]:
+    """The stage runs by stage (parent runs, which have no stage, left out)."""
     found: dict[str, list[Any]] = {}
-    for r in client.search_runs([experiment.experiment_id], max_results=1000):
-        found.setdefault(r.data.tags.get("dvc_stage"), []).append(r)
+    for r in all_runs(uri):
+        if "dvc_stage" in r.data.tags:
+            found.setdefault(r.data.tags["dvc_stage"], []).append(r)
     return found
+
+
+def parent_runs(uri: str) -> list[Any]:
+    return [r for r in all_runs(uri) if "dvc_stage" not in r.data.tags]
+
+
+RECORD_KEYS = {"stage", "params", "metrics", "tags", "steps", "parent"}
+
+
+def assert_record_has_no_ids(project: Path, stage: str) -> dict[str, Any]:
+    """runs/<stage>.json holds what the stage logged and nothing that changes from run to
+    run: no MLflow run or experiment id, no path, no commit, no time."""
+    text = (project / "runs" / f"{stage}.json").read_text()
+    record = json.loads(text)
+    assert set(record) == RECORD_KEYS, (stage, sorted(record))
+    assert str(project) not in text and "mlflow" not in text.lower(), (stage, text[:500])
+    return record
 
 
 def read_json(path: Path) -> Any:
@@ -85,17 +118,9 @@ def expected_final_metrics(project: Path, stage: str) -> dict[str, float]:
         if stage == "train_confidnet":
             out["train_errors"] = summary["train_errors"]
         return out
-    if stage == "evaluate":
-        out = {}
-        for split, name in (("test", "evaluate.json"), ("val", "validation.json")):
-            result = read_json(metrics / name)
-            out |= {f"{split}/{m}/{k}": v for m, values in result["methods"].items()
-                    for k, v in values.items()}
-            out |= {f"{split}/size": result["size"], f"{split}/errors": result["errors"]}
-        for m, values in read_json(metrics / "intervals.json").items():
-            for k, (low, high) in values.items():
-                out |= {f"test/{m}/{k}_ci_low": low, f"test/{m}/{k}_ci_high": high}
-        return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+    if stage == "evaluate":  # the headline's numbers, as metrics/headline.json has them
+        return {k: v for k, v in read_json(metrics / "headline.json").items()
+                if not isinstance(v, str) and not math.isnan(v)}
     return {}
 
 
@@ -141,13 +166,17 @@ def check_replayed(uri: str, project: Path) -> dict[str, Any]:
                 assert got == want, (stage, column)
         else:
             assert set(r.data.metrics) >= set(expected), stage
-    # the headline: every test metric of every method, as metrics/evaluate.json has it
-    evaluation = read_json(project / "metrics" / "evaluate.json")
-    metrics = replayed["evaluate"].data.metrics
-    for method, values in evaluation["methods"].items():
-        for key, value in values.items():
-            if not math.isnan(value):
-                assert metrics[f"test/{method}/{key}"] == value, (method, key)
+    # the headline, on the evaluate run and on the parent, under its DVC names
+    headline = read_json(project / "metrics" / "headline.json")
+    [parent] = parent_runs(uri)
+    assert parent.info.status == "FINISHED" and parent.data.tags["replayed"] == "true"
+    assert parent.data.params == params
+    for r in (replayed["evaluate"], parent):
+        assert r.data.metrics == expected_final_metrics(project, "evaluate")
+        assert r.data.tags["test/vs_mcp/verdict"] == headline[
+            "test/vs_mcp/verdict"]
+    for r in replayed.values():
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
     return replayed
 
 
@@ -189,8 +218,8 @@ def run_download_expecting_warning(project: Path, cause: str) -> float:
     elapsed = time.monotonic() - started
     assert (project / "data" / "dataset.npz").is_file()
     assert (project / "data" / "split.json").is_file()
-    record = read_json(project / "runs" / "download.json")
-    assert record["mlflow_run_id"] is None and record["stage"] == "download"
+    record = assert_record_has_no_ids(project, "download")
+    assert record["stage"] == "download"
     return elapsed
 
 
@@ -200,15 +229,18 @@ def replay_download(project: Path, uri: str, capsys: pytest.CaptureFixture[str])
     assert "download: logged run" in capsys.readouterr().out
     [r] = runs_by_stage(uri)["download"]
     assert r.info.status == "FINISHED"
-    assert r.data.tags["replayed"] == "true" and r.data.tags["replay_of"] == ""
+    assert r.data.tags["replayed"] == "true"
     assert r.data.params == {k: str(v) for k, v in flatten(fast_params()).items()}
     sizes = read_json(project / "data" / "split.json")["sizes"]
     assert r.data.metrics == {f"{s}_size": n for s, n in sizes.items()}
+    [parent] = parent_runs(uri)  # made by the replay, which ended it
+    assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.status == "FINISHED"
     # again with --only-missing: recognised, nothing new
     assert replay.main(["--only-missing"]) == 0
-    assert f"download: skipped: already replayed as run {r.info.run_id}" in \
+    assert f"download: skipped: the store holds its record as run {r.info.run_id}" in \
         capsys.readouterr().out
-    assert len(runs_by_stage(uri)["download"]) == 1
+    assert len(runs_by_stage(uri)["download"]) == 1 and len(parent_runs(uri)) == 1
     return r
 
 
@@ -294,6 +326,107 @@ def test_replay_skips_unreadable_outputs(small_project: Path,
     assert not (small_project / "other.db").exists()  # nothing to log: store untouched
 
 
+# --- fast: the parent run of a pipeline execution ------------------------------------------
+
+
+@pytest.fixture
+def git_project(small_project: Path) -> Path:
+    """small_project committed in git: its params.yaml is the baseline of experiments."""
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"],
+                    ["git", "config", "commit.gpgsign", "false"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "baseline"]):
+        run(small_project, command)
+    return small_project
+
+
+def nothing(params: dict[str, Any], stage_run: Any) -> None:
+    """A stage body that does nothing (the tracking around it is what is tested)."""
+
+
+def test_stages_nest_under_one_parent_named_after_the_changes(
+        git_project: Path, isolated_mlflow: pytest.MonkeyPatch) -> None:
+    params = fast_params()
+    params["seed"], params["loss"] = 1, "focal"
+    write_params(git_project, params)  # what `dvc exp run -S seed=1 -S loss=focal` does
+    isolated_mlflow.setenv("DVC_EXP_NAME", "prime-sick")
+    uri = f"sqlite:///{git_project / 'mlflow.db'}"
+
+    run_stage("download", download.body)
+    [parent] = parent_runs(uri)
+    assert parent.info.run_name == "prime-sick (seed=1, loss=focal)"
+    assert parent.info.status == "RUNNING"  # until the last stage ends it
+    assert parent.data.params == {k: str(v) for k, v in flatten(params).items()}
+    assert parent.data.tags["dvc_exp_name"] == "prime-sick"
+    assert parent.data.tags["git_commit"] == git_head(git_project)
+    run_stage("report", nothing)
+
+    [parent] = parent_runs(uri)
+    assert parent.info.status == "FINISHED" and parent.info.end_time
+    stages = runs_by_stage(uri)
+    assert sorted(stages) == ["download", "report"]
+    for [child] in stages.values():
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.run_name == f"prime-sick:{child.data.tags['dvc_stage']}"
+        record = assert_record_has_no_ids(git_project, child.data.tags["dvc_stage"])
+        assert child.data.tags["replay_key"] == record_key(record)
+    experiment = client_for(uri).get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # another execution (another experiment) gets a parent of its own
+    isolated_mlflow.setenv("DVC_EXP_NAME", "other-exp")
+    run_stage("download", download.body)
+    assert sorted(r.info.run_name for r in parent_runs(uri)) == [
+        "other-exp (seed=1, loss=focal)", "prime-sick (seed=1, loss=focal)"]
+
+
+def test_a_failed_stage_fails_the_parent_and_a_rerun_continues_it(
+        git_project: Path, isolated_mlflow: pytest.MonkeyPatch) -> None:
+    uri = f"sqlite:///{git_project / 'mlflow.db'}"
+
+    def broken(params: dict[str, Any], stage_run: Any) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage("train_classifier", broken)
+    [parent] = parent_runs(uri)  # `dvc repro`: keyed on the commit and params.yaml
+    assert parent.info.run_name == f"repro {git_head(git_project)[:7]}"
+    assert parent.info.status == "FAILED"
+    run_stage("download", download.body)  # `dvc repro` again, same commit and params
+    [again] = parent_runs(uri)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "RUNNING"
+    assert {r.data.tags["mlflow.parentRunId"] for rs in runs_by_stage(uri).values()
+            for r in rs} == {parent.info.run_id}
+
+
+def test_records_are_the_same_bytes_whatever_the_run(
+        git_project: Path, isolated_mlflow: pytest.MonkeyPatch) -> None:
+    uri = f"sqlite:///{git_project / 'mlflow.db'}"
+    texts = []
+    for name in ("first-exp", "second-exp"):
+        isolated_mlflow.setenv("DVC_EXP_NAME", name)
+        run_stage("download", download.body)
+        texts.append((git_project / "runs" / "download.json").read_bytes())
+    assert texts[0] == texts[1]
+    runs = runs_by_stage(uri)["download"]
+    assert len({r.info.run_id for r in runs}) == 2
+    assert {r.data.tags["replay_key"] for r in runs} == {record_key(json.loads(texts[0]))}
+
+
+def test_parent_name_lists_the_changed_params() -> None:
+    baseline = {"seed": 0, "loss": "mse", "classifier": {"lr": 0.01, "milestones": []}}
+    changed = {"seed": 0, "loss": "focal", "classifier": {"lr": 1e-6, "milestones": [5]}}
+    changes = changed_params(changed, baseline)
+    assert changes == [("loss", "focal"), ("classifier.lr", 1e-6),
+                       ("classifier.milestones", [5])]
+    context = {"dvc_exp_name": "prime-sick", "git_commit": "0123456789"}
+    assert parent_name(context, changes[:1]) == "prime-sick (loss=focal)"
+    assert parent_name(context, [*changes, ("seed", 1)]) == (
+        "prime-sick (loss=focal, classifier.lr=1e-06, classifier.milestones=[5], +1 more)")
+    assert parent_name({"git_commit": "0123456789"}, []) == "repro 0123456"
+    assert changed_params(changed, None) == []  # no baseline: outside git
+
+
 def test_stale_params_reads_numbers_as_dvc_writes_them() -> None:
     from pipeline.config import read_yaml
 
@@ -324,8 +457,8 @@ def test_pipeline_with_unreachable_server_completes(twin_projects: dict[str, Rep
             for entry in body.get(section, []):
                 path = offline.path / (next(iter(entry)) if isinstance(entry, dict) else entry)
                 assert path.exists(), (stage, path)
-    for stage in STAGES[:-1]:
-        assert read_json(offline.path / "runs" / f"{stage}.json")["mlflow_run_id"] is None
+    for stage in STAGES:
+        assert_record_has_no_ids(offline.path, stage)
     assert not (offline.path / "mlflow.db").exists()
     status = run(offline.path, ["dvc", "status"])
     assert "up to date" in status.stdout + status.stderr
@@ -359,8 +492,9 @@ def test_replay_into_sqlite_matches_outputs_and_original_runs(
     # replay is idempotent with --only-missing
     again = run(offline, ["python", "-m", "pipeline.replay", "--only-missing"],
                 env={"MLFLOW_TRACKING_URI": uri}).stdout
-    assert again.count("skipped: already replayed") == len(STAGES), again
+    assert again.count("skipped: the store holds its record") == len(STAGES), again
     assert all(len(v) == 1 for v in runs_by_stage(uri).values())
+    assert len(parent_runs(uri)) == 1
 
 
 @pytest.mark.slow
@@ -369,7 +503,8 @@ def test_only_missing_skips_runs_the_store_holds(twin_projects: dict[str, Reprod
     db = tracked / "mlflow.db"
     before = db.read_bytes()
     out = run(tracked, ["python", "-m", "pipeline.replay", "--only-missing"]).stdout
-    assert out.count("skipped: its run ") == len(STAGES), out
+    # found by their replay_key: the records hold no run id
+    assert out.count("skipped: the store holds its record as run ") == len(STAGES), out
     assert db.read_bytes() == before
 
 
@@ -425,8 +560,8 @@ def test_replay_into_mlflow_server(twin_projects: dict[str, Reproduced], mlflow_
                                filter_string="tags.dvc_stage = 'evaluate'")
     assert list(frame["run_id"]) == [replayed["evaluate"].info.run_id]
     evaluation = read_json(offline / "metrics" / "evaluate.json")
-    value = evaluation["methods"]["confidnet"]["aupr_error"]
-    assert np.isclose(frame["metrics.test/confidnet/aupr_error"].iloc[0], value, rtol=0)
+    value = evaluation["methods"]["confidnet_finetuned"]["aupr_error"]
+    assert np.isclose(frame["metrics.test/confidnet/aupr_err"].iloc[0], value, rtol=0)
     again = run(offline, ["python", "-m", "pipeline.replay", "--only-missing"],
                 env={"MLFLOW_TRACKING_URI": mlflow_server}).stdout
-    assert again.count("skipped: already replayed") == len(STAGES), again
+    assert again.count("skipped: the store holds its record") == len(STAGES), again
