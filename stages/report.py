@@ -15,8 +15,8 @@ from pipeline.artifacts import (
     INTERVALS,
     REPORT,
     SIGNIFICANCE,
-    STAGE_ORDER,
     TEST_METRICS,
+    TRACKED_STAGES,
     VALIDATION_METRICS,
     run_record_path,
 )
@@ -49,7 +49,7 @@ def render(params: dict[str, Any], this_run: StageRun) -> str:
     scores = load_scores()
     test_features = load_features("test")
     figures = save_figures(FIGURES, scores, test_features.correct, scores["tcp_oracle"]["test"])
-    records = [read_json(run_record_path(s)) for s in STAGE_ORDER[:-1]
+    records = [read_json(run_record_path(s)) for s in TRACKED_STAGES[:-1]
                if run_record_path(s).exists()]
     records.append(this_run.record())
 
