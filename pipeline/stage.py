@@ -23,11 +23,15 @@ if TYPE_CHECKING:
 PARAMS = Path("params.yaml")
 StageBody = Callable[[dict[str, Any], StageRun], None]
 
-# How to get back after a bad value: `dvc exp run -S key=value` writes the value into
-# params.yaml (composed from conf/) and leaves it there when the pipeline stops.
+# How to get back after a bad value: `dvc exp run -S key=value` composes params.yaml from
+# conf/ with the value and leaves it there when the pipeline stops. Composing it again is
+# what works: `git checkout params.yaml` may do nothing, as DVC rewrites the file and git's
+# index within one second (same size, same second: git takes it for unchanged).
 RECOVERY = (
-    "params.yaml now holds the value(s) above; no output was deleted. To get back: "
-    "`git checkout params.yaml` (and `git checkout conf/` if you edited a preset there),\n"
+    "params.yaml now holds the value(s) above; no output was deleted. To get back, compose "
+    "it again from conf/:\n"
+    "  `python -m pipeline.settings` (with your overrides, if any; `git checkout conf/` first "
+    "if you edited a preset),\n"
     "  or rerun with a valid value: `dvc exp run -S key=value`.")
 
 

@@ -120,9 +120,10 @@ def test_check_params_stops_a_bad_value_and_says_how_to_get_back(tmp_path: Path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(
         "error: invalid params.yaml:\n  loss = 'foo': valid values: bce, focal, mse, ranking\n"
-        "  params.yaml now holds the value(s) above; no output was deleted. To get back: "
-        "`git checkout params.yaml` (and `git checkout conf/` if you edited a preset there),"
-        "\n  or rerun with a valid value: `dvc exp run -S key=value`."), proc.stderr
+        "  params.yaml now holds the value(s) above; no output was deleted. To get back, "
+        "compose it again from conf/:\n  `python -m pipeline.settings` (with your overrides, "
+        "if any; `git checkout conf/` first if you edited a preset),\n  or rerun with a valid "
+        "value: `dvc exp run -S key=value`.\n"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in project.iterdir()) == ["conf", "params.yaml"]
 
