@@ -38,6 +38,9 @@ FINETUNE_CURVES = PLOTS / "finetune_curves.csv"
 RISK_COVERAGE = PLOTS / "risk_coverage.csv"
 PR_ERROR = PLOTS / "pr_error.csv"
 RUNS = Path("runs")
+# check_params's one output: the same bytes whatever the (valid) params, so that its rerun
+# after a param change never reruns the stages that depend on it (see stages/check_params.py).
+PARAMS_CHECKED = RUNS / "check_params.txt"
 REPORTS = Path("reports")
 REPORT = REPORTS / "report.md"
 FIGURES = REPORTS / "figures"
@@ -65,34 +68,67 @@ class StageFiles:
     outputs: tuple[Path, ...]
 
 
-# Every stage of dvc.yaml, in its order.
-STAGE_ORDER = ("download", "train_classifier", "extract_features", "train_confidnet",
-               "finetune", "baselines", "evaluate", "report")
+# Every stage of dvc.yaml, in its order. check_params only validates params.yaml, and every
+# other stage depends on its output, so that DVC runs it first and a bad value stops the
+# pipeline before DVC deletes any stage's outputs.
+CHECK_PARAMS = "check_params"
+STAGE_ORDER = (CHECK_PARAMS, "download", "train_classifier", "extract_features",
+               "train_confidnet", "finetune", "baselines", "evaluate", "report")
+# The stages that run inside pipeline.stage.run_stage: an MLflow run and a runs/<stage>.json each.
+TRACKED_STAGES = STAGE_ORDER[1:]
 
 STAGES: dict[str, StageFiles] = {
-    "download": StageFiles((), (run_record_path("download"), DATA)),
+    CHECK_PARAMS: StageFiles((), (PARAMS_CHECKED,)),
+    "download": StageFiles((PARAMS_CHECKED,), (run_record_path("download"), DATA)),
     "train_classifier": StageFiles(
-        (DATA,),
+        (PARAMS_CHECKED, DATA),
         (run_record_path("train_classifier"), CLASSIFIER, CLASSIFIER_METRICS,
          CLASSIFIER_CURVES)),
     "extract_features": StageFiles(
-        (DATA, CLASSIFIER), (run_record_path("extract_features"), FEATURES)),
+        (PARAMS_CHECKED, DATA, CLASSIFIER), (run_record_path("extract_features"), FEATURES)),
     "train_confidnet": StageFiles(
-        (DATA, FEATURES, CLASSIFIER),
+        (PARAMS_CHECKED, DATA, FEATURES, CLASSIFIER),
         (run_record_path("train_confidnet"), CONFIDNET, CONFIDNET_SCORES, CONFIDNET_METRICS,
          CONFIDNET_CURVES)),
     "finetune": StageFiles(
-        (DATA, FEATURES, CLASSIFIER, CONFIDNET),
+        (PARAMS_CHECKED, DATA, FEATURES, CLASSIFIER, CONFIDNET),
         (run_record_path("finetune"), CONFIDNET_FINETUNED, FINETUNED_SCORES, FINETUNE_METRICS,
          FINETUNE_CURVES)),
     "baselines": StageFiles(
-        (DATA, FEATURES, CLASSIFIER), (run_record_path("baselines"), BASELINE_SCORES)),
+        (PARAMS_CHECKED, DATA, FEATURES, CLASSIFIER),
+        (run_record_path("baselines"), BASELINE_SCORES)),
     "evaluate": StageFiles(
-        (FEATURES, SCORES),
+        (PARAMS_CHECKED, FEATURES, SCORES),
         (run_record_path("evaluate"), HEADLINE, TEST_METRICS, VALIDATION_METRICS, INTERVALS,
          SIGNIFICANCE, RISK_COVERAGE, PR_ERROR)),
     # The report reads no run record: it names no run id (see stages/report.py).
     "report": StageFiles(
-        (PAPER_RESULTS, REPORT_TEMPLATE, DATA, FEATURES, SCORES, METRICS),
+        (PARAMS_CHECKED, PAPER_RESULTS, REPORT_TEMPLATE, DATA, FEATURES, SCORES, METRICS),
         (run_record_path("report"), REPORT, FIGURES)),
 }
+
+
+def producers(path: Path) -> list[str]:
+    """The stages whose outputs make ``path``: the stage that writes it, or every stage
+    that writes something inside it (``scores/`` is made by three), in pipeline order;
+    empty for a file no stage writes (one shipped with the code)."""
+    return [stage for stage in STAGE_ORDER
+            if any(out == path or path in out.parents for out in STAGES[stage].outputs)]
+
+
+def missing_inputs(stage: str, root: Path = Path()) -> list[Path]:
+    """The inputs of ``stage`` absent under ``root``, in the order it lists them: a whole
+    folder when it is absent, else each absent output of another stage inside it.
+    check_params's output is not counted: a stage run outside DVC validates its params
+    itself. A stage this module does not list has no inputs to check."""
+    found: list[Path] = []
+    for path in STAGES[stage].inputs if stage in STAGES else ():
+        if path == PARAMS_CHECKED:
+            continue
+        if not (root / path).exists():
+            found.append(path)
+            continue
+        inside = [out for other in STAGE_ORDER if other != stage
+                  for out in STAGES[other].outputs if path in out.parents]
+        found += [out for out in inside if not (root / out).exists()]
+    return found

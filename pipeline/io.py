@@ -45,10 +45,15 @@ def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path``, atomically; the same tensors give the same bytes
+    (the weights in ``models/`` are DVC outputs, hashed into ``dvc.lock``). Written through
+    a file object on purpose: given a path, torch names the zip archive's root folder after
+    the file, here a random temporary name. torch's other records (``serialization_id``:
+    CRC32s of the records and a hash of their names) depend on the content only."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        torch.save(obj, handle)
 
 
 def read_json(path: Path | str) -> Any:

@@ -54,11 +54,15 @@ class Stage:
 
 
 def pipeline_stages(root: Path = Path()) -> list[Stage]:
-    """The stages of ``dvc.yaml``, in order, with their outputs and locked params."""
+    """The stages of ``dvc.yaml`` that record a run (``runs/<stage>.json`` among their
+    outputs; check_params records none), in order, with their outputs and locked params."""
     locked = dvcfile.locked_params(root / "dvc.lock")
-    return [Stage(name, [root / path for path in dvcfile.paths(spec, "outs", "metrics", "plots")],
-                  locked.get(name, {}))
-            for name, spec in dvcfile.stages(root / "dvc.yaml").items()]
+    found = []
+    for name, spec in dvcfile.stages(root / "dvc.yaml").items():
+        outputs = dvcfile.paths(spec, "outs", "metrics", "plots")
+        if run_record_path(name) in outputs:
+            found.append(Stage(name, [root / path for path in outputs], locked.get(name, {})))
+    return found
 
 
 def stale_params(stage: Stage, params: dict[str, Any]) -> list[str]:

@@ -1,34 +1,80 @@
-"""What every stage does around its work: validate params first, track the run in MLflow,
-record the run (ids and what it logged) in ``runs/<stage>.json``. Bad params and unusable
-data stop the stage with exit status 2 and one message, no traceback."""
+"""What every stage does around its work: validate params first, check that its inputs
+exist, track the run in MLflow, record the run (ids and what it logged) in
+``runs/<stage>.json``. Bad params, missing inputs and unusable data stop the stage with
+exit status 2 and one message, no traceback."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from pipeline.artifacts import run_record_path
+from pipeline.artifacts import STAGE_ORDER, missing_inputs, producers, run_record_path
 from pipeline.config import load_params
 from pipeline.errors import DataError, ParamsError
 from pipeline.io import atomic_write_json
 from pipeline.runtime import resolve_device, seed_everything
 from pipeline.tracking import StageRun, stage_run
 
+if TYPE_CHECKING:
+    import torch
+
+PARAMS = Path("params.yaml")
 StageBody = Callable[[dict[str, Any], StageRun], None]
+
+# How to get back after a bad value: `dvc exp run -S key=value` composes params.yaml from
+# conf/ with the value and leaves it there when the pipeline stops. Composing it again is
+# what works: `git checkout params.yaml` may do nothing, as DVC rewrites the file and git's
+# index within one second (same size, same second: git takes it for unchanged).
+RECOVERY = (
+    "params.yaml now holds the value(s) above; no output was deleted. To get back, compose "
+    "it again from conf/:\n"
+    "  `python -m pipeline.settings` (with your overrides, if any; `git checkout conf/` first "
+    "if you edited a preset),\n"
+    "  or rerun with a valid value: `dvc exp run -S key=value`.")
+
+
+def checked_params() -> tuple[dict[str, Any], torch.device]:
+    """``params.yaml``, validated, and the device it names; else stop with status 2, every
+    problem, and how to get back (:data:`RECOVERY`)."""
+    try:
+        params = load_params(PARAMS)
+        return params, resolve_device(params["device"])
+    except (ParamsError, RuntimeError) as error:
+        _stop(f"{error}\n  {RECOVERY}" if PARAMS.is_file() else error)
+
+
+def missing_inputs_message(stage: str) -> str | None:
+    """One line naming the inputs of ``stage`` that are absent and the command that makes
+    them (their producing stages, from :data:`pipeline.artifacts.STAGES`); None when all
+    are there."""
+    missing = missing_inputs(stage)
+    if not missing:
+        return None
+    # Every file the stages read or write has a suffix; folders (data, features) have none.
+    names = [f"{path.as_posix()}/" if not path.suffix else path.as_posix() for path in missing]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    made_by = [s for s in STAGE_ORDER if any(s in producers(path) for path in missing)]
+    shipped = [path.as_posix() for path in missing if not producers(path)]
+    it = "it" if len(missing) - len(shipped) == 1 else "them"
+    fixes = [f"make {it} with: dvc repro {' '.join(made_by)}"] if made_by else []
+    fixes += [f"restore {' '.join(shipped)} with: git checkout -- {' '.join(shipped)}"] \
+        if shipped else []
+    return f"{listed} {'is' if len(missing) == 1 else 'are'} missing; {'; '.join(fixes)}"
 
 
 def run_stage(name: str, body: StageBody) -> None:
-    """Validate ``params.yaml`` (before any work), seed, run ``body`` inside an MLflow
-    run, then write ``runs/<name>.json``: the run's ids and what it logged, which
-    ``python -m pipeline.replay`` replays. Bad params, and a dataset that fails its
-    checks (:class:`DataError`: the MLflow run is then marked FAILED), exit with status 2
-    and one message."""
-    try:
-        params = load_params()
-        device = resolve_device(params["device"])
-    except (ParamsError, RuntimeError) as error:
-        _stop(error)
+    """Validate ``params.yaml`` and check that the stage's inputs exist (before any work
+    and before any MLflow run), seed, run ``body`` inside an MLflow run, then write
+    ``runs/<name>.json``: the run's ids and what it logged, which ``python -m
+    pipeline.replay`` replays. Bad params and missing inputs exit with status 2 and one
+    message; so does a dataset that fails its checks (:class:`DataError`), after the
+    MLflow run is marked FAILED."""
+    params, device = checked_params()
+    missing = missing_inputs_message(name)
+    if missing:
+        _stop(missing)
     seed_everything(params["seed"], device)
     try:
         with stage_run(name, params) as run:
@@ -38,6 +84,6 @@ def run_stage(name: str, body: StageBody) -> None:
     atomic_write_json(run_record_path(name), run.record())
 
 
-def _stop(error: Exception) -> NoReturn:
+def _stop(error: Exception | str) -> NoReturn:
     sys.stderr.write(f"error: {error}\n")
     raise SystemExit(2) from None

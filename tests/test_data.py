@@ -166,6 +166,30 @@ def test_atomic_writers_round_trip_without_temp_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in nested.iterdir()) == ["d.json", "m.pt", "t.txt", "x.npz"]
 
 
+def test_torch_save_gives_the_same_bytes_for_the_same_tensors(tmp_path: Path) -> None:
+    """Weights are DVC outputs: the same state gives the same file, whatever its name and
+    however often it is written (torch named the archive after the random temporary file)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    state = model.state_dict()
+    atomic_torch_save(tmp_path / "one" / "classifier.pt", state)
+    first = (tmp_path / "one" / "classifier.pt").read_bytes()
+    atomic_torch_save(tmp_path / "one" / "classifier.pt", state)
+    atomic_torch_save(tmp_path / "two" / "confidnet.pt", state)
+    assert (tmp_path / "one" / "classifier.pt").read_bytes() == first
+    assert (tmp_path / "two" / "confidnet.pt").read_bytes() == first
+
+    loaded = torch.load(tmp_path / "two" / "confidnet.pt", map_location="cpu",
+                        weights_only=True)
+    assert list(loaded) == list(state)
+    for key, tensor in state.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    fresh.load_state_dict(loaded)  # strict: every key, with the modules' version metadata
+    assert loaded._metadata == state._metadata  # type: ignore[attr-defined]
+    atomic_torch_save(tmp_path / "again.pt", fresh.state_dict())
+    assert (tmp_path / "again.pt").read_bytes() == first
+
+
 def test_atomic_overwrite_replaces_content(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     atomic_write_json(target, {"v": 1})

@@ -240,12 +240,13 @@ def test_stage_module_exits_2_without_traceback(tmp_path: Path, pristine: Path) 
     project = stage_project(tmp_path, pristine)
     npz = project / "data" / "dataset.npz"
     npz.write_bytes(npz.read_bytes()[:1000])
-    proc = subprocess.run([sys.executable, "-m", "stages.extract_features"], cwd=project,
+    shutil.copy(REPO / "dvc.yaml", project)  # train_classifier fingerprints its deps
+    proc = subprocess.run([sys.executable, "-m", "stages.train_classifier"], cwd=project,
                           env=subprocess_env({"PYTHONPATH": str(REPO)}), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "error: data/dataset.npz: unreadable, truncated or not an .npz file" in proc.stderr
     assert "delete data/ and run `dvc repro download` (or `dvc pull`)" in proc.stderr
-    assert not (project / "features").exists()
+    assert not (project / "models").exists()
     assert not (project / "runs").exists()

@@ -47,12 +47,13 @@ def test_outputs_identical_across_fresh_runs(twin_projects: dict[str, Reproduced
                     assert left[key].dtype == right[key].dtype, (name, key)
                     np.testing.assert_array_equal(left[key], right[key], err_msg=f"{name}:{key}")
 
-    # model weights, tensor for tensor
+    # model weights, tensor for tensor and byte for byte (they are hashed into dvc.lock)
     names = files(a, "models/*.pt")
     assert names and names == files(b, "models/*.pt")
     for name in names:
         assert_same(torch.load(a / name, map_location="cpu", weights_only=True),
                     torch.load(b / name, map_location="cpu", weights_only=True), name)
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def assert_same(left: Any, right: Any, where: str) -> None:
