@@ -188,6 +188,7 @@ class Params(Section):
     loss: Annotated[str, _one_of(_registry_names("pipeline.losses", "LOSSES"))]
     criterion: Annotated[str, _one_of(_registry_names("pipeline.losses", "CRITERIA"))]
     device: Annotated[str, AfterValidator(_is_device)]
+    nproc_per_node: PositiveInt
     checkpoint_every_seconds: NonNegativeFloat
     data: DataParams
     classifier: ClassifierParams

@@ -1,7 +1,8 @@
 """What every stage does around its work: validate params first, check that its inputs
-exist, track the run in MLflow, record the run (ids and what it logged) in
-``runs/<stage>.json``. Bad params, missing inputs and unusable data stop the stage with
-exit status 2 and one message, no traceback."""
+exist, track the run in MLflow, record what it logged in ``runs/<stage>.json``. Bad
+params, missing inputs and unusable data stop the stage with exit status 2 and one
+message, no traceback. A training stage runs as several processes under torchrun when
+asked (:mod:`pipeline.distributed`); only process 0 tracks and records the run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import pipeline.distributed as ddp
 from pipeline.artifacts import STAGE_ORDER, missing_inputs, producers, run_record_path
 from pipeline.config import load_params
 from pipeline.errors import DataError, ParamsError
@@ -64,24 +66,40 @@ def missing_inputs_message(stage: str) -> str | None:
     return f"{listed} {'is' if len(missing) == 1 else 'are'} missing; {'; '.join(fixes)}"
 
 
-def run_stage(name: str, body: StageBody) -> None:
+def run_stage(name: str, body: StageBody, distributed: bool = False) -> None:
     """Validate ``params.yaml`` and check that the stage's inputs exist (before any work
     and before any MLflow run), seed, run ``body`` inside an MLflow run, then write
-    ``runs/<name>.json``: the run's ids and what it logged, which ``python -m
-    pipeline.replay`` replays. Bad params and missing inputs exit with status 2 and one
-    message; so does a dataset that fails its checks (:class:`DataError`), after the
-    MLflow run is marked FAILED."""
+    ``runs/<name>.json``: what it logged, which ``python -m pipeline.replay`` replays. Bad
+    params and missing inputs exit with status 2 and one message; so does a dataset that
+    fails its checks (:class:`DataError`), after the MLflow run is marked FAILED.
+
+    A ``distributed`` (training) stage with ``nproc_per_node`` > 1 starts itself again
+    under torchrun; under torchrun it joins the process group, and processes other than 0
+    run ``body`` untracked and write no record. Any other stage refuses to run as more
+    than one process."""
     params, device = checked_params()
     missing = missing_inputs_message(name)
     if missing:
         _stop(missing)
+    try:
+        if distributed:
+            ddp.relaunch(f"stages.{name}", params["nproc_per_node"])
+        here = ddp.start(name, device, params["nproc_per_node"], distributed)
+    except (ParamsError, RuntimeError) as error:
+        _stop(error)
     seed_everything(params["seed"], device)
     try:
-        with stage_run(name, params) as run:
-            body(params, run)
+        if here.main:
+            with stage_run(name, params) as run:
+                body(params, run)
+        else:
+            body(params, StageRun(name))  # never started: logs nothing
     except DataError as error:
         _stop(error)
-    atomic_write_json(run_record_path(name), run.record())
+    finally:
+        ddp.stop()
+    if here.main:
+        atomic_write_json(run_record_path(name), run.record())
 
 
 def _stop(error: Exception | str) -> NoReturn:

@@ -1,5 +1,8 @@
 """Training loops. Device-agnostic: tensors move to ``device`` batch by batch, so the same
-loops run on CPU here and on a GPU machine; nothing assumes a single process."""
+loops run on CPU here and on a GPU machine. Under torchrun they train with
+DistributedDataParallel, each process on its share of every batch
+(:mod:`pipeline.distributed`, whose docstring says how batches are shared and seeded);
+with one process they are exactly the one-process loops."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.metrics import aupr_error
@@ -39,9 +43,24 @@ def predict(model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
                       for idx in batches(len(inputs), batch_size, None)])
 
 
-def confidence_scores(model: nn.Module, inputs: torch.Tensor, device: torch.device) -> np.ndarray:
-    """ConfidNet's confidence ``sigmoid(u)`` for every input, as float64 numpy."""
-    return torch.sigmoid(predict(model, inputs, 4096, device)).double().numpy()
+def predict_shared(model: nn.Module, inputs: torch.Tensor, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """:func:`predict`, each training process predicting its share of the rows and all of
+    them getting every row: a collective, so every process calls it (inside a training
+    loop). ``model`` is the bare model, never its DDP wrapper."""
+    here = distributed.group()
+    if here.size == 1:
+        return predict(model, inputs, batch_size, device)
+    mine = predict(model, inputs[distributed.rows(len(inputs), here)], batch_size, device)
+    return distributed.gather_rows(mine, len(inputs))
+
+
+def confidence_scores(model: nn.Module, inputs: torch.Tensor, device: torch.device,
+                      shared: bool = False) -> np.ndarray:
+    """ConfidNet's confidence ``sigmoid(u)`` for every input, as float64 numpy; with
+    ``shared``, computed by every training process together (:func:`predict_shared`)."""
+    outputs = (predict_shared if shared else predict)(model, inputs, 4096, device)
+    return torch.sigmoid(outputs).double().numpy()
 
 
 @dataclass
@@ -64,30 +83,63 @@ class FitResult:
 def train_one_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, n: int,
                     batch_size: int, generator: torch.Generator,
                     batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """One pass over ``n`` samples in shuffled batches; returns the mean training loss."""
+    """One pass over ``n`` samples in shuffled batches; returns the mean training loss.
+    Under DDP (``model`` wrapped by :func:`distributed.wrap`) the batches are global:
+    every process draws the same order from ``generator`` and trains on its share of each
+    batch, its mean loss weighted so that the averaged gradient is the whole batch's."""
     model.train()
+    here = distributed.group()
     total = 0.0
     for idx in batches(n, batch_size, generator):
-        loss = batch_loss(idx)
+        mine, weight = distributed.share(idx, here)
+        loss = batch_loss(mine)
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if here.size == 1 else loss * weight).backward()
         optimiser.step()
-        total += loss.item() * len(idx)
-    return total / n
+        if weight > 0:
+            total += loss.item() * len(mine)
+    return distributed.sum_over_processes(total) / n
 
 
 def _progress(epochs: int, desc: str, done: int = 0) -> tqdm:
     return tqdm(range(done + 1, epochs + 1), desc=desc, unit="epoch", mininterval=1.0,
-                leave=False, initial=done, total=epochs)
+                leave=False, initial=done, total=epochs, disable=not distributed.is_main())
+
+
+def _no_log(epoch: int, row: dict[str, float]) -> None:
+    """The epoch logger of processes other than 0: only process 0 tracks the run."""
+
+
+def _process_rng(draws: torch.Generator) -> dict[str, Any]:
+    """This process's own random state under DDP: its generator of sample draws and
+    torch's global generator (CPU and CUDA)."""
+    state: dict[str, Any] = {"draws": draws.get_state(), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], draws: torch.Generator | None = None) -> None:
+    """Restore torch's global generators from ``state`` (and ``draws``, under DDP). CUDA
+    states are restored only where the same number of GPUs is visible."""
+    if draws is not None:
+        draws.set_state(state["draws"])
+    torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available() \
+            and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _training_state(model: nn.Module, optimiser: torch.optim.Optimizer,
                     generator: torch.Generator, result: FitResult,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    ) -> dict[str, Any]:
+                    processes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything an epoch boundary depends on: weights, optimiser, learning-rate schedule,
     the generator of batch order and augmentations, torch's global RNG (dropout) and the
-    result so far. The loops draw from no Python or numpy RNG, so those are not saved."""
+    result so far. The loops draw from no Python or numpy RNG, so those are not saved.
+    Under DDP, ``processes`` holds each process's own random state, by rank
+    (:func:`_process_rng`)."""
     state: dict[str, Any] = {
         "model": model.state_dict(),
         "optimiser": optimiser.state_dict(),
@@ -99,33 +151,46 @@ def _training_state(model: nn.Module, optimiser: torch.optim.Optimizer,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if processes is not None:
+        state["processes"] = processes
     return state
 
 
 def _resume(checkpointer: Checkpointer | None, model: nn.Module,
             optimiser: torch.optim.Optimizer, generator: torch.Generator, epochs: int,
             log: EpochLogger, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-            ) -> tuple[int, FitResult | None]:
+            draws: torch.Generator | None = None) -> tuple[int, FitResult | None]:
     """Restore the last checkpoint, if any: ``(epochs done, result so far)``, else
     ``(0, None)``. Epochs already done are logged again, so a fresh tracking run still
-    gets the whole curve."""
-    loaded = checkpointer.load() if checkpointer is not None else None
+    gets the whole curve. Under DDP (``checkpointer`` given to every process), process 0
+    reads the checkpoint and sends it to the others, each of which restores its own
+    random state (generator ``draws`` and torch's); a checkpoint of another number of
+    processes is not resumed."""
+    here = distributed.group()
+    loaded = checkpointer.load() if checkpointer is not None and here.main else None
+    if checkpointer is not None and here.size > 1:
+        loaded = distributed.broadcast(loaded)
     if checkpointer is None or loaded is None:
         return 0, None
     done, state = loaded
+    saved_size = len(state.get("processes") or [None])
+    if saved_size != here.size:
+        if here.main:
+            sys.stderr.write(f"{checkpointer.stage}: not resuming the checkpoint in "
+                             f"{checkpointer.folder}: it was made by {saved_size} "
+                             f"process(es), this run has {here.size}\n")
+        return 0, None
     model.load_state_dict(state["model"])
     optimiser.load_state_dict(state["optimiser"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    cuda_rng = state.get("cuda_rng")
-    if cuda_rng is not None and torch.cuda.is_available() \
-            and len(cuda_rng) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_rng)
+    _restore_rng(state if here.size == 1 else state["processes"][here.rank],
+                 None if here.size == 1 else draws)
     result = FitResult(**state["result"])
-    sys.stderr.write(f"resuming {checkpointer.stage} from epoch {done + 1} of {epochs} "
-                     f"({checkpointer.folder})\n")
+    if here.main:
+        sys.stderr.write(f"resuming {checkpointer.stage} from epoch {done + 1} of {epochs} "
+                         f"({checkpointer.folder})\n")
     for row in result.history:
         if row["epoch"] > 0:
             log(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
@@ -136,19 +201,32 @@ def _fit_epochs(model: nn.Module, optimiser: torch.optim.Optimizer,
                 generator: torch.Generator, epochs: int, desc: str, log: EpochLogger,
                 checkpointer: Checkpointer | None, start: Callable[[], FitResult],
                 run_epoch: Callable[[], dict[str, float]], selection_key: str,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> FitResult:
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                draws: torch.Generator | None = None) -> FitResult:
     """The skeleton both loops share: resume from ``checkpointer``'s last checkpoint (else
     begin from ``start()``), then for each remaining epoch, with a progress bar, train and
     measure it (``run_epoch()``, the loop's own part), log it, keep the weights if
-    ``row[selection_key]`` is the best so far and save a checkpoint when one is due."""
-    done, result = _resume(checkpointer, model, optimiser, generator, epochs, log, scheduler)
+    ``row[selection_key]`` is the best so far and save a checkpoint when one is due.
+
+    Under DDP every process runs this (``model`` is the bare model, ``draws`` the
+    process's generator of sample draws) and computes the same rows; process 0 alone
+    logs and saves checkpoints, holding every process's random state."""
+    here = distributed.group()
+    log = log if here.main else _no_log
+    done, result = _resume(checkpointer, model, optimiser, generator, epochs, log, scheduler,
+                           draws)
     if result is None:
         result = start()
     for epoch in _progress(epochs, desc, done):
         result.record(epoch, run_epoch(), selection_key, model, log)
-        if checkpointer is not None and checkpointer.due():
+        if checkpointer is None:
+            continue
+        # a collective: every process sends its random state whether or not one is due
+        processes = (distributed.gather(_process_rng(draws or generator))
+                     if here.size > 1 else None)
+        if here.main and checkpointer.due():
             checkpointer.save(epoch, _training_state(model, optimiser, generator, result,
-                                                     scheduler))
+                                                     scheduler, processes))
     return result
 
 
@@ -166,21 +244,22 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
                                 weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=cfg["milestones"],
                                                      gamma=cfg["gamma"])
-    generator = torch.Generator().manual_seed(seed)
+    generator, draws = distributed.generators(seed)
+    net = distributed.wrap(model, device, sync_batchnorm=True)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         x = train.x[idx].to(device)
         if augment is not None:
-            x = augment(x, generator)
-        return nn.functional.cross_entropy(model(x), train.y[idx].to(device))
+            x = augment(x, draws)
+        return nn.functional.cross_entropy(net(x), train.y[idx].to(device))
 
     def run_epoch() -> dict[str, float]:
         row = {"lr": optimiser.param_groups[0]["lr"],
-               "train_loss": train_one_epoch(model, optimiser, len(train), cfg["batch_size"],
+               "train_loss": train_one_epoch(net, optimiser, len(train), cfg["batch_size"],
                                              generator, batch_loss)}
         scheduler.step()
         for name, split in (("train", train), ("val", val)):
-            logits = predict(model, split.x, 4096, device)
+            logits = predict_shared(model, split.x, 4096, device)
             row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
         # `logits` are the validation ones now: one pass serves accuracy and loss
         row["val_loss"] = float(nn.functional.cross_entropy(logits, val.y))
@@ -190,7 +269,7 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
         return FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
 
     return _fit_epochs(model, optimiser, generator, cfg["epochs"], "train classifier", log,
-                       checkpointer, start, run_epoch, "val_accuracy", scheduler)
+                       checkpointer, start, run_epoch, "val_accuracy", scheduler, draws)
 
 
 @dataclass(frozen=True)
@@ -225,10 +304,12 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
         raise ValueError("relabel needs the training labels (ConfidenceData.labels)")
     model.to(device)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    generator, draws = distributed.generators(seed)
+    net = distributed.wrap(model, device, static_graph=True)
 
     def validate() -> float:
-        value = aupr_error(confidence_scores(model, val.inputs, device), val.correct.numpy())
+        value = aupr_error(confidence_scores(model, val.inputs, device, shared=True),
+                           val.correct.numpy())
         return -1.0 if np.isnan(value) else value
 
     def start() -> FitResult:
@@ -241,13 +322,13 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
         if relabel is None or train.labels is None:
             target, correct = train.target[idx].to(device), train.correct[idx].to(device)
         else:
-            inputs, target, correct = relabel(inputs, train.labels[idx].to(device), generator)
-        return loss_fn(model(inputs), target, correct, **loss_kwargs)
+            inputs, target, correct = relabel(inputs, train.labels[idx].to(device), draws)
+        return loss_fn(net(inputs), target, correct, **loss_kwargs)
 
     def run_epoch() -> dict[str, float]:
-        return {"train_loss": train_one_epoch(model, optimiser, len(train.target), batch_size,
+        return {"train_loss": train_one_epoch(net, optimiser, len(train.target), batch_size,
                                               generator, batch_loss),
                 "val_aupr_error": validate()}
 
     return _fit_epochs(model, optimiser, generator, epochs, desc, log, checkpointer, start,
-                       run_epoch, "val_aupr_error")
+                       run_epoch, "val_aupr_error", draws=draws)

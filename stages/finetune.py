@@ -26,6 +26,7 @@ from pipeline.artifacts import (
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
+from pipeline.distributed import is_main
 from pipeline.features import AugmentedTargets, confidence_targets, load_features
 from pipeline.io import (
     atomic_torch_save,
@@ -66,6 +67,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         log=lambda epoch, row: run.log_metrics(row, step=epoch), desc="finetune",
         checkpointer=checkpointer, relabel=relabel,
     )
+    if not is_main():
+        return  # the other training processes only helped train
     model.load_state_dict(result.best_state)
     atomic_torch_save(CONFIDNET_FINETUNED, result.best_state)
     scores = {s: confidence_scores(model, data[s].inputs, device) for s in ("val", "test")}
@@ -81,4 +84,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("finetune", body)
+    run_stage("finetune", body, distributed=True)

@@ -9,6 +9,7 @@ from pipeline.artifacts import CLASSIFIER, CLASSIFIER_CURVES, CLASSIFIER_METRICS
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
+from pipeline.distributed import is_main
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, history_csv
 from pipeline.models import build_classifier
 from pipeline.stage import run_stage
@@ -26,6 +27,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     result = train_classifier(model, data["train"], data["val"], cfg, device, params["seed"],
                               log=lambda epoch, row: run.log_metrics(row, step=epoch),
                               checkpointer=checkpointer, augment=augment)
+    if not is_main():
+        return  # the other training processes only helped train
     atomic_torch_save(CLASSIFIER, result.best_state)
     best = result.history[result.best_epoch - 1]
     summary = {"best_epoch": result.best_epoch, "val_accuracy": best["val_accuracy"],
@@ -38,4 +41,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_classifier", body)
+    run_stage("train_classifier", body, distributed=True)

@@ -41,6 +41,7 @@ from pipeline.artifacts import (
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.data import load_dataset
+from pipeline.distributed import is_main
 from pipeline.features import (
     AugmentedTargets,
     FeatureDropoutTargets,
@@ -98,6 +99,8 @@ def body(params: dict[str, Any], run: StageRun) -> None:
         seed=params["seed"], log=lambda epoch, row: run.log_metrics(row, step=epoch),
         desc="train confidnet", checkpointer=checkpointer, relabel=relabel,
     )
+    if not is_main():
+        return  # the other training processes only helped train
     head.load_state_dict(result.best_state)
     atomic_torch_save(CONFIDNET, result.best_state)
     scores = {s: confidence_scores(head, data[s].inputs, device) for s in ("val", "test")}
@@ -116,4 +119,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_confidnet", body)
+    run_stage("train_confidnet", body, distributed=True)
