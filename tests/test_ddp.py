@@ -25,6 +25,7 @@ from conftest import REPO, fast_params, make_project, run, subprocess_env
 from pipeline import distributed
 from pipeline.checkpoint import Checkpointer
 from pipeline.distributed import Group
+from pipeline.tracking import record_key
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -218,10 +219,11 @@ def test_dvc_repro_runs_a_training_stage_on_two_processes(tmp_path: Path) -> Non
     assert torch.load(project / "models" / "classifier.pt", weights_only=True)
     assert not (project / ".checkpoints" / "train_classifier").exists()
     record = json.loads((project / "runs" / "train_classifier.json").read_text())
-    assert record["mlflow_run_id"]
     with sqlite3.connect(project / "mlflow.db") as db:
-        runs = db.execute("select r.run_uuid, r.status from runs r join tags t on "
-                          "t.run_uuid = r.run_uuid where t.key = 'dvc_stage' and "
-                          "t.value = 'train_classifier'").fetchall()
-    assert runs == [(record["mlflow_run_id"], "FINISHED")]
+        runs = db.execute("select r.status, k.value from runs r join tags t on "
+                          "t.run_uuid = r.run_uuid join tags k on k.run_uuid = r.run_uuid "
+                          "where t.key = 'dvc_stage' and t.value = 'train_classifier' "
+                          "and k.key = 'replay_key'").fetchall()
+    # one run, process 0's: the one whose record the stage wrote
+    assert runs == [("FINISHED", record_key(record))]
     assert {step for step, key, _ in record["steps"] if key == "val_accuracy"} == {1, 2, 3}
