@@ -24,9 +24,10 @@ a 160-column ``dvc exp show`` (the README's commands).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
+
+from pipeline.metrics import comparison
 
 SPLIT = "test"
 # headline name -> the method's key in metrics/evaluate.json
@@ -39,18 +40,6 @@ CHALLENGER, BASELINE, COMPARED = "confidnet", "mcp", "aupr_err"
 COMPARISON = f"{SPLIT}/vs_{BASELINE}"
 VERDICT = f"{COMPARISON}/verdict"
 WORDS = ("better", "worse", "n.s.", "n/a")
-
-
-def verdict(low: float, high: float) -> str:
-    """The word for a difference whose 95% interval is ``[low, high]`` (higher is better,
-    as for AUPR-Error)."""
-    if math.isnan(low) or math.isnan(high):
-        return "n/a"
-    if low > 0:
-        return "better"
-    if high < 0:
-        return "worse"
-    return "n.s."
 
 
 def headline(test: Mapping[str, Any], significance: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,7 +57,7 @@ def headline(test: Mapping[str, Any], significance: Mapping[str, Any]) -> dict[s
             out[f"{COMPARISON}/{COMPARED}"] = float(paired["difference"])
             out[f"{COMPARISON}/ci_low"] = float(paired["ci_low"])
             out[f"{COMPARISON}/ci_high"] = float(paired["ci_high"])
-            out[VERDICT] = verdict(paired["ci_low"], paired["ci_high"])
+            out[VERDICT] = comparison(METRICS[COMPARED], paired["ci_low"], paired["ci_high"])
     out[f"{SPLIT}/accuracy"] = float(methods[METHODS[BASELINE]]["accuracy"])
     out[f"{SPLIT}/errors"] = int(test["errors"])
     return out

@@ -42,7 +42,7 @@ from pipeline.artifacts import (
     features_path,
 )
 from pipeline.io import atomic_write_json, atomic_write_npz, atomic_write_text, load_npz
-from pipeline.metrics import seed_paired_bootstrap
+from pipeline.metrics import comparison, seed_paired_bootstrap
 from pipeline.outputs import Features
 from pipeline.report import paper_table, percent
 from pipeline.tables import markdown_table
@@ -51,7 +51,6 @@ MEASURED = REPORTS / "measured"
 CHALLENGERS = ("confidnet_finetuned", "confidnet")
 BASELINES = ("mcp", "mc_dropout", "trustscore")
 PAIRED_METRICS = ("aupr_error", "auroc", "fpr_at_95tpr", "aurc")
-LOWER_IS_BETTER = {"fpr_at_95tpr", "aurc"}
 PAPER_METRICS = (("fpr_at_95tpr", "FPR-95%-TPR"), ("aupr_error", "AUPR-Error"),
                  ("aupr_success", "AUPR-Success"), ("auroc", "AUROC"))
 ROWS = (("mcp", "MCP"), ("mc_dropout", "MC Dropout"), ("trustscore", "TrustScore"),
@@ -239,15 +238,6 @@ def measure(runs: Sequence[SeedRun], resamples: int, seed: int = 0) -> dict[str,
     }
 
 
-def verdict(metric: str, low: float, high: float) -> str:
-    """'better', 'worse' or 'n.s.' for the challenger, given the interval of
-    challenger - baseline and whether higher is better for ``metric``."""
-    if low > 0 or high < 0:
-        gain = low > 0
-        return "better" if gain != (metric in LOWER_IS_BETTER) else "worse"
-    return "n.s."
-
-
 def _commits(row: Mapping[str, Any]) -> str:
     commits = row.get("git_commits") or {}
     if len(set(commits.values())) <= 1:
@@ -311,7 +301,7 @@ def render(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
             cells.append([label, metric, f"{100 * stats['mean_diff']:+.2f}",
                           f"[{100 * low:+.2f}, {100 * high:+.2f}]",
                           ", ".join(f"{100 * v:+.2f}" for v in stats["per_seed"]),
-                          verdict(metric, low, high)])
+                          comparison(metric, low, high)])
     lines.append(markdown_table(["Comparison", "metric", "mean difference", "95% interval",
                                  "per seed", "verdict"], cells))
     return "\n".join(lines) + "\n"
@@ -346,7 +336,7 @@ def summary(row: Mapping[str, Any], paper: Mapping[str, Any] | None) -> str:
         lines.append(f"- ConfidNet − {dict(ROWS)[baseline]}, AUPR-Error: "
                      f"{100 * stats['mean_diff']:+.2f} points, 95% interval "
                      f"[{100 * low:+.2f}, {100 * high:+.2f}] "
-                     f"({verdict('aupr_error', low, high)}); per seed {per_seed}.")
+                     f"({comparison('aupr_error', low, high)}); per seed {per_seed}.")
     return "\n".join(lines) + "\n"
 
 

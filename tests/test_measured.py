@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import git_head, run, table_row, toy_dvc_project
 
-from pipeline.measured import load_measured, render, verdict
+from pipeline.measured import load_measured, render
 from pipeline.metrics import failure_metrics
 from pipeline.table1 import build_blocks, load_paper_table1
 
@@ -122,14 +122,6 @@ def test_measured_row_from_real_dvc_experiments(tmp_path: Path) -> None:
     table = json.loads((tmp_path / "reports/table1.json").read_text())
     ran = [b for b in table["blocks"] if b["run"]]
     assert [b["setting"] for b in ran] == ["toy"] and ran[0]["seeds"] == [0, 1, 2, 4]
-
-
-def test_verdict_follows_each_metrics_direction() -> None:
-    assert verdict("aupr_error", 0.01, 0.05) == "better"
-    assert verdict("aupr_error", -0.05, -0.01) == "worse"
-    assert verdict("aupr_error", -0.01, 0.05) == "n.s."
-    assert verdict("fpr_at_95tpr", -0.05, -0.01) == "better"
-    assert verdict("aurc", 0.01, 0.02) == "worse"
 
 
 def _row() -> dict:
