@@ -42,9 +42,10 @@ class PostgresServer:
     pid: int
 
     def uri(self, database: str) -> str:
-        """The SQLAlchemy URL of ``database`` (driver psycopg2), as ``mlflow server
-        --backend-store-uri`` takes it."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+        """The SQLAlchemy URL of ``database``, as ``mlflow server --backend-store-uri``
+        takes it. The driver is named: a bare ``postgresql://`` means psycopg2 to
+        SQLAlchemy 2.0 and psycopg (3) to 2.1."""
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         """Create database ``name``; returns its URL."""

@@ -283,10 +283,13 @@ def test_four_queued_experiments_log_complete_runs_to_the_server(
     stage_runs = [r for r in runs if "dvc_stage" in r.data.tags]
     assert set(parents) == set(names) and len(parents) == len(runs) - len(stage_runs), \
         sorted(r.info.run_name for r in runs)
-    by_key = {}
+    parent_ids = {p.info.run_id for p in parents.values()}
+    assert all(r.data.tags[PARENT_TAG] in parent_ids for r in stage_runs)
+    # Runs by record. Two experiments running at once may both compute a stage they share
+    # (before either fills the run cache): two runs of one record, each under its parent.
+    by_key: dict[str, list[Any]] = {}
     for r in stage_runs:
-        assert r.data.tags[REPLAY_KEY] not in by_key, f"two runs of one record: {r.info.run_name}"
-        by_key[r.data.tags[REPLAY_KEY]] = r
+        by_key.setdefault(r.data.tags[REPLAY_KEY], []).append(r)
 
     values = artifacts = 0
     for name, override in names.items():
@@ -301,11 +304,13 @@ def test_four_queued_experiments_log_complete_runs_to_the_server(
         for stage in STAGES:  # every record of the experiment is on the server, complete
             record = experiment_output(project, shown[name], str(run_record_path(stage)))
             records.append(record)
-            found = by_key.get(record_key(record))
-            assert found is not None, f"{name}: {stage}'s record is not on the server"
-            values += check_run_holds(server, found, record)
-            if stage in ran:
-                assert found.data.tags[PARENT_TAG] == parent.info.run_id, (name, stage)
+            found = by_key.get(record_key(record), [])
+            assert found, f"{name}: {stage}'s record is not on the server"
+            if stage in ran:  # its own run, under its parent
+                found = [r for r in found if r.data.tags[PARENT_TAG] == parent.info.run_id]
+                assert len(found) == 1, (name, stage, len(found))
+            # else restored from the run cache: the run of the experiment that computed it
+            values += check_run_holds(server, found[0], record)
         check_parent_holds(parent, records)
     for r in stage_runs:
         exp = r.data.tags["dvc_exp_name"]
