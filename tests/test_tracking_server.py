@@ -209,6 +209,7 @@ def dvc_output_bytes(project: Path, rev: str, stage: str, name: str) -> bytes | 
     """The bytes of the DVC output of ``stage`` that an artifact called ``name`` was logged
     from (a file output of that name, or a file of that name in a directory output)."""
     import dvc.api
+    from dvc.exceptions import PathMissingError
 
     for out in STAGE_FILES[stage].outputs:
         for candidate in (out, out / name):
@@ -217,7 +218,8 @@ def dvc_output_bytes(project: Path, rev: str, stage: str, name: str) -> bytes | 
             try:
                 return bytes(dvc.api.read(str(candidate), repo=str(project), rev=rev,
                                           mode="rb"))
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            except (PathMissingError, FileNotFoundError, IsADirectoryError,
+                    NotADirectoryError):  # not this output, or not a directory
                 continue
     return None
 
@@ -232,6 +234,7 @@ def check_artifacts(server: TrackingServer, found: Any, project: Path, rev: str,
     stage = found.data.tags["dvc_stage"]
     assert found.info.artifact_uri.startswith("mlflow-artifacts:"), found.info.artifact_uri
     listed = client(server).list_artifacts(found.info.run_id)
+    (dest / found.info.run_id).mkdir(parents=True, exist_ok=True)
     for artifact in listed:
         assert not artifact.is_dir, (stage, artifact.path)
         local = Path(mlflow.artifacts.download_artifacts(
