@@ -314,7 +314,7 @@ def test_a_cuda_epoch_syncs_once() -> None:
 
 
 @needs_cuda
-def test_faiss_gpu_index_gives_the_cpu_distances() -> None:
+def test_cuda_faiss_index_gives_the_cpu_distances() -> None:
     import faiss
     import numpy as np
 
