@@ -63,7 +63,7 @@ from pipeline.models import MODELS, ConfidNetHead, ConfidNetModel, build_classif
 from pipeline.prepared import Split
 from pipeline.runtime import computing, resolve_device, seed_everything
 from pipeline.settings import compose, preset_names
-from pipeline.training import ConfidenceData, fit_confidence, train_classifier
+from pipeline.training import ConfidenceData, Relabel, fit_confidence, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ OFFICIAL_SIZES: dict[str, tuple[int, int, int | None]] = {
     "mnist": (60_000, 10_000, None), "svhn": (73_257, 26_032, None),
     "cifar10": (50_000, 10_000, None), "cifar100": (50_000, 10_000, None),
     "camvid": (367, 233, 101)}
-VARIANTS = {"fp32": {"precision": "fp32", "channels_last": False},
+VARIANTS: dict[str, dict[str, Any]] = {"fp32": {"precision": "fp32", "channels_last": False},
             "bf16-cl": {"precision": "bf16", "channels_last": True}}
 # Archives of the MNIST mirror (pipeline.image_datasets' names).
 MNIST_ARCHIVES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -186,6 +186,7 @@ def measure(setting: str, variant: str, device: torch.device, batches: int,
     exact = (head_cfg["features"] == "dropout" and not augment.active
              and model.dropout_only_on_features)
     labels = torch.randint(0, classes, (n, *label_shape))
+    relabel: Relabel | None
     if head_cfg["features"] == "cached":
         inputs, relabel, timing.phase1_path = torch.randn(n, dims).relu(), None, "cached"
     elif exact:

@@ -83,7 +83,7 @@ def classifier_run(n: int, cfg: dict[str, Any] | None = None,
     return result, model
 
 
-def phase1_run(n: int) -> FitResult:
+def phase1_run(n: int, loss: str = "mse") -> FitResult:
     """One epoch of the authors' phase 1 on images: augmented, through the frozen
     classifier with its dropout on, per batch."""
     torch.manual_seed(0)
@@ -94,12 +94,17 @@ def phase1_run(n: int) -> FitResult:
     head = ConfidNetHead(classifier.feature_dim, 8, 2)
     relabel = AugmentedTargets(classifier, AUGMENT, "tcp", features=True, dropout=True)
     return fit_confidence(head, replace(data["train"], inputs=train.x), data["val"],
-                          LOSSES["mse"], {}, epochs=1, lr=1e-3, batch_size=16, device=CPU,
+                          LOSSES[loss], {}, epochs=1, lr=1e-3, batch_size=16, device=CPU,
                           seed=0, log=lambda epoch, row: None, desc="phase 1",
                           relabel=relabel)
 
 
-@pytest.mark.parametrize("loop", [classifier_run, phase1_run], ids=["classifier", "phase1"])
+def phase1_ranking_run(n: int) -> FitResult:
+    return phase1_run(n, loss="ranking")
+
+
+@pytest.mark.parametrize("loop", [classifier_run, phase1_run, phase1_ranking_run],
+                         ids=["classifier", "phase1", "phase1-ranking"])
 def test_an_epoch_syncs_with_the_host_as_often_whatever_its_batches(
         loop: Callable[[int], Any], host_syncs: Counter[str]) -> None:
     """A per-batch ``.item()`` (or ``.cpu()``, ``float(tensor)``...) in a loop makes every
@@ -211,7 +216,7 @@ def test_channels_last_trains_to_the_same_weights() -> None:
     plain, _ = classifier_run(64, dropout=False)
     with computing(channels_last=True):
         last, model = classifier_run(64, dropout=False)
-    conv = model.conv_stack.block1.conv1.weight
+    conv = model.get_parameter("conv_stack.block1.conv1.weight")
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     # other summation orders in the convolutions, amplified by batch-norm over 16 images of
     # 1x1 pixels in the last block: ~1e-5 on the loss, ~1e-3 on the weights after 4 steps
