@@ -21,16 +21,18 @@ split being scored. Adding a baseline is one registered function (and its test).
                  filtering): per-class nearest-neighbour indexes over the *training*
                  penultimate features; the distance to a class is the distance to its 2nd
                  nearest neighbour; score = distance to the closest other class /
-                 (distance to the predicted class + 1e-12). Exact search with faiss.
+                 (distance to the predicted class + 1e-12). Exact search with faiss, on
+                 the GPU when the scoring device is CUDA and faiss is a GPU build.
 - ``tcp_oracle`` the true class probability itself (needs the label): an upper bound.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
+from functools import cache, cached_property
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from scipy.special import logsumexp
 from pipeline.losses import true_class_probability
 from pipeline.models import Classifier, enable_mc_dropout
 from pipeline.registry import Registry
+from pipeline.runtime import compute
 
 
 @dataclass
@@ -218,7 +221,8 @@ def mc_dropout_probabilities(
     """Softmax of ``samples`` stochastic passes, shape (samples, N, K).
 
     Batched: each chunk of inputs is repeated ``samples`` times and sent through the
-    network in one forward pass, so dropout masks differ per copy.
+    network in one forward pass, so dropout masks differ per copy. The inputs move to
+    ``device`` once and the probabilities come back in one copy.
     """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -227,14 +231,17 @@ def mc_dropout_probabilities(
     was_training = classifier.training
     enable_mc_dropout(classifier)
     try:
+        settings = compute()
+        placed = settings.place(inputs, device)
         per_chunk = max(1, batch_size // samples)
         outputs = []
-        for start in range(0, len(inputs), per_chunk):
-            chunk = inputs[start:start + per_chunk].to(device)
+        for start in range(0, len(placed), per_chunk):
+            chunk = placed[start:start + per_chunk]
             repeated = chunk.expand(samples, *chunk.shape).reshape(-1, *chunk.shape[1:])
-            logits = classifier(repeated).float()
-            outputs.append(torch.softmax(logits, -1).view(samples, len(chunk), -1).cpu())
-        return torch.cat(outputs, dim=1)
+            with settings.autocast(device):
+                logits = classifier(repeated).float()
+            outputs.append(torch.softmax(logits, -1).view(samples, len(chunk), -1))
+        return torch.cat(outputs, dim=1).cpu()
     finally:
         classifier.train(was_training)
         torch.random.set_rng_state(generator_state)
@@ -259,20 +266,66 @@ def mc_dropout_mutual_information(ctx: ScoringContext) -> np.ndarray:
 # ---------------------------------------------------------------------------- TrustScore
 
 
-def second_neighbour_distances(
-    train_features: np.ndarray, train_labels: np.ndarray, queries: np.ndarray, num_classes: int
-) -> np.ndarray:
-    """(N, K) Euclidean distance from each query to its 2nd nearest training point of
-    each class (exact search, faiss ``IndexFlatL2``)."""
+FaissBackend = Literal["gpu", "cpu"]
+
+
+def faiss_backend(device: torch.device | str, faiss_gpus: int) -> FaissBackend:
+    """Where TrustScore's exact search runs: ``gpu`` when the scoring ``device`` is CUDA and
+    the installed faiss sees ``faiss_gpus`` > 0 GPUs (a GPU build: ``pip install faiss-gpu``,
+    see the README), else ``cpu``. A CUDA device with a CPU-only faiss says so, once per
+    process (:func:`_say_faiss_has_no_gpu`)."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    if faiss_gpus > 0:
+        return "gpu"
+    _say_faiss_has_no_gpu()
+    return "cpu"
+
+
+@cache
+def _say_faiss_has_no_gpu() -> None:
+    sys.stderr.write("trustscore: CUDA is available but this faiss build has no GPU support; "
+                     "searching on the CPU (install faiss-gpu in place of faiss-cpu: README, "
+                     "'On a GPU')\n")
+
+
+@cache
+def _gpu_resources() -> Any:
+    """One faiss ``StandardGpuResources`` (its scratch memory and streams) per process."""
     import faiss
 
+    return faiss.StandardGpuResources()
+
+
+def flat_l2_index(dim: int, device: torch.device | str = "cpu") -> Any:
+    """An exact L2 index of ``dim``-d vectors: ``GpuIndexFlatL2`` (float32, no float16
+    storage, so the distances are those of ``IndexFlatL2`` up to summation order) on the
+    CUDA ``device`` when faiss can use it (:func:`faiss_backend`), else ``IndexFlatL2``."""
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if faiss_backend(device, gpus) == "cpu":
+        return faiss.IndexFlatL2(dim)
+    config = faiss.GpuIndexFlatConfig()
+    index = torch.device(device).index
+    config.device = torch.cuda.current_device() if index is None else index
+    config.useFloat16 = False
+    return faiss.GpuIndexFlatL2(_gpu_resources(), dim, config)
+
+
+def second_neighbour_distances(
+    train_features: np.ndarray, train_labels: np.ndarray, queries: np.ndarray, num_classes: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """(N, K) Euclidean distance from each query to its 2nd nearest training point of
+    each class (exact search: :func:`flat_l2_index`, on ``device``'s GPU when faiss can)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     distances = np.full((len(queries), num_classes), np.inf, dtype=np.float64)
     for k in range(num_classes):
         members = np.ascontiguousarray(train_features[train_labels == k], dtype=np.float32)
         if len(members) < 2:
             continue  # a class with fewer than two points is never the nearest
-        index = faiss.IndexFlatL2(members.shape[1])
+        index = flat_l2_index(members.shape[1], device)
         index.add(members)
         squared, _ = index.search(queries, 2)
         distances[:, k] = np.sqrt(np.maximum(squared[:, 1], 0.0))
@@ -283,7 +336,7 @@ def second_neighbour_distances(
 def trust_score(ctx: ScoringContext) -> np.ndarray:
     num_classes = ctx.logits.shape[1]
     distances = second_neighbour_distances(
-        ctx.train_features, ctx.train_labels, ctx.features, num_classes
+        ctx.train_features, ctx.train_labels, ctx.features, num_classes, ctx.device
     )
     rows = np.arange(len(distances))
     predicted = ctx.predictions

@@ -27,7 +27,10 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from pipeline.dvcfile import read_yaml  # also imported from here by benchmarks and tests
 from pipeline.errors import ParamsError
-from pipeline.runtime import project_root  # noqa: F401  (re-exported: it lived here)
+from pipeline.runtime import (
+    Precision,
+    project_root,  # noqa: F401  (re-exported: it lived here)
+)
 
 
 def _registry_attribute(module: str, attribute: str) -> Any:
@@ -188,6 +191,8 @@ class Params(Section):
     loss: Annotated[str, _one_of(_registry_names("pipeline.losses", "LOSSES"))]
     criterion: Annotated[str, _one_of(_registry_names("pipeline.losses", "CRITERIA"))]
     device: Annotated[str, AfterValidator(_is_device)]
+    precision: Precision
+    channels_last: bool
     nproc_per_node: PositiveInt
     checkpoint_every_seconds: NonNegativeFloat
     data: DataParams

@@ -13,19 +13,26 @@ from pipeline.losses import CRITERIA
 from pipeline.models import Classifier, enable_mc_dropout
 from pipeline.outputs import Features, load_features, save_features  # noqa: F401  (re-exported)
 from pipeline.prepared import Split
+from pipeline.runtime import compute
 from pipeline.training import ConfidenceData, batches
 
 
 @torch.no_grad()
 def extract(classifier: Classifier, split: Split, batch_size: int,
             device: torch.device) -> Features:
+    """The classifier's features and logits of ``split`` in eval mode: the images moved to
+    ``device`` once, both outputs gathered there and copied back once."""
     classifier.eval()
+    settings = compute()
+    images = settings.place(split.x, device)
     feats, logits = [], []
-    for idx in batches(len(split), batch_size, None):
-        f = classifier.encode(split.x[idx].to(device))
-        feats.append(f.float().cpu())
-        logits.append(classifier.classify(f).float().cpu())
-    return Features(torch.cat(feats).numpy(), torch.cat(logits).numpy(), split.y.numpy())
+    with settings.autocast(device):
+        for idx in batches(len(split), batch_size, None, device):
+            f = classifier.encode(images[idx])
+            feats.append(f.float())
+            logits.append(classifier.classify(f).float())
+    return Features(torch.cat(feats).cpu().numpy(), torch.cat(logits).cpu().numpy(),
+                    split.y.numpy())
 
 
 def criterion_targets(logits: torch.Tensor, labels: torch.Tensor,

@@ -97,13 +97,13 @@ def ranking_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tenso
     """Mean of log(1 + exp(-(u_i - u_j))) over batch pairs with target_i > target_j.
 
     A batch with no ordered pair (all targets equal) contributes zero loss, still
-    connected to the graph so an optimiser step is well defined.
+    connected to the graph so an optimiser step is well defined. Computed over all pairs
+    with a 0/1 weight, not by selecting the ordered ones: selecting would make the host
+    wait for the device at every batch.
     """
-    ordered = target.unsqueeze(1) > target.unsqueeze(0)
-    if not ordered.any():
-        return logit.sum() * 0.0
+    ordered = (target.unsqueeze(1) > target.unsqueeze(0)).to(logit.dtype)
     margins = logit.unsqueeze(1) - logit.unsqueeze(0)
-    return F.softplus(-margins[ordered]).mean()
+    return (F.softplus(-margins) * ordered).sum() / ordered.sum().clamp(min=1.0)
 
 
 def loss_kwargs(params: Mapping[str, Any]) -> dict[str, float]:

@@ -1,5 +1,11 @@
-"""Training loops. Device-agnostic: tensors move to ``device`` batch by batch, so the same
-loops run on CPU here and on a GPU machine. Under torchrun they train with
+"""Training loops. Device-agnostic, so the same loops run on CPU here and on a GPU machine:
+each loop moves its whole splits to ``device`` once (:meth:`~pipeline.runtime.Compute.place`)
+and its batches are index slices of them there, augmented there; the random draws (batch
+order, augmentations) still come from CPU generators, so a seed gives the same draws on any
+device. Inside an epoch nothing waits for the device: losses are summed on the device and
+read once per epoch, and predictions are copied back once per pass (``tests/test_gpu_path.py``
+counts host syncs). Forward passes run under the stage's :func:`~pipeline.runtime.computing`
+settings (``precision``, ``channels_last``). Under torchrun they train with
 DistributedDataParallel, each process on its share of every batch
 (:mod:`pipeline.distributed`, whose docstring says how batches are shared and seeded);
 with one process they are exactly the one-process loops."""
@@ -22,25 +28,39 @@ from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer
 from pipeline.metrics import aupr_error
 from pipeline.prepared import Split
-from pipeline.runtime import resolve_device, seed_everything  # noqa: F401  (re-exported)
+from pipeline.runtime import (  # noqa: F401  (resolve_device, seed_everything: re-exported)
+    compute,
+    resolve_device,
+    seed_everything,
+)
 
 EpochLogger = Callable[[int, dict[str, float]], None]
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """Index batches; shuffled when a generator is given."""
+def batches(n: int, batch_size: int, generator: torch.Generator | None,
+            device: torch.device | None = None) -> list[torch.Tensor]:
+    """Index batches; shuffled when a generator is given (drawn on the CPU, from
+    ``generator``), then moved to ``device`` in one copy that does not wait for it."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if device is not None:
+        order = order.to(device, non_blocking=True)
     return list(order.split(batch_size))
 
 
 @torch.no_grad()
 def predict(model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
             batch_size: int, device: torch.device) -> torch.Tensor:
-    """Outputs for ``inputs`` in eval mode, gathered on the CPU."""
+    """Outputs for ``inputs`` in eval mode, as float32 on the CPU: ``inputs`` moved to
+    ``device`` once (a no-op when they are there), the outputs gathered there and copied
+    back once."""
     if isinstance(model, nn.Module):
         model.eval()
-    return torch.cat([model(inputs[idx].to(device)).float().cpu()
-                      for idx in batches(len(inputs), batch_size, None)])
+    settings = compute()
+    inputs = settings.place(inputs, device)
+    with settings.autocast(device):
+        outputs = [model(inputs[idx]).float()
+                   for idx in batches(len(inputs), batch_size, None, device)]
+    return torch.cat(outputs).cpu()
 
 
 def predict_shared(model: nn.Module, inputs: torch.Tensor, batch_size: int,
@@ -82,23 +102,31 @@ class FitResult:
 
 def train_one_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, n: int,
                     batch_size: int, generator: torch.Generator,
-                    batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """One pass over ``n`` samples in shuffled batches; returns the mean training loss.
-    Under DDP (``model`` wrapped by :func:`distributed.wrap`) the batches are global:
-    every process draws the same order from ``generator`` and trains on its share of each
-    batch, its mean loss weighted so that the averaged gradient is the whole batch's."""
+                    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                    device: torch.device | None = None) -> float:
+    """One pass over ``n`` samples in shuffled batches (their indices on ``device``);
+    returns the mean training loss. Under DDP (``model`` wrapped by
+    :func:`distributed.wrap`) the batches are global: every process draws the same order
+    from ``generator`` and trains on its share of each batch, its mean loss weighted so
+    that the averaged gradient is the whole batch's.
+
+    The loss is summed on the device, in float64 (the arithmetic of summing Python floats,
+    so the figure is the one a per-batch ``.item()`` gave), and read once, at the end: no
+    batch waits for the one before it to finish."""
     model.train()
     here = distributed.group()
-    total = 0.0
-    for idx in batches(n, batch_size, generator):
+    total: torch.Tensor | None = None
+    for idx in batches(n, batch_size, generator, device):
         mine, weight = distributed.share(idx, here)
         loss = batch_loss(mine)
         optimiser.zero_grad(set_to_none=True)
         (loss if here.size == 1 else loss * weight).backward()
         optimiser.step()
         if weight > 0:
-            total += loss.item() * len(mine)
-    return distributed.sum_over_processes(total) / n
+            term = loss.detach().double() * len(mine)
+            total = term if total is None else total + term
+    summed = 0.0 if total is None else float(total)  # the epoch's one host sync
+    return distributed.sum_over_processes(summed) / n
 
 
 def _progress(epochs: int, desc: str, done: int = 0) -> tqdm:
@@ -238,8 +266,13 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
     ``gamma`` at each of ``milestones`` (the authors' CIFAR-100 schedule); keeps the epoch
     with the best validation accuracy, as the authors do. ``augment`` applies to training
     batches only: validation accuracy is measured on the images as they are. With a
-    ``checkpointer``, resumes from its last checkpoint and saves one after every epoch."""
-    model.to(device)
+    ``checkpointer``, resumes from its last checkpoint and saves one after every epoch.
+
+    The splits move to ``device`` once; batches are augmented there."""
+    settings = compute()
+    settings.prepare(model, device)
+    train_x, train_y = settings.place(train.x, device), train.y.to(device)
+    placed = {"train": train_x, "val": settings.place(val.x, device)}
     optimiser = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=cfg["milestones"],
@@ -248,18 +281,20 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
     net = distributed.wrap(model, device, sync_batchnorm=True)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        x = train.x[idx].to(device)
+        x = train_x[idx]
         if augment is not None:
             x = augment(x, draws)
-        return nn.functional.cross_entropy(net(x), train.y[idx].to(device))
+        with settings.autocast(device):
+            logits = net(x)
+        return nn.functional.cross_entropy(logits.float(), train_y[idx])
 
     def run_epoch() -> dict[str, float]:
         row = {"lr": optimiser.param_groups[0]["lr"],
                "train_loss": train_one_epoch(net, optimiser, len(train), cfg["batch_size"],
-                                             generator, batch_loss)}
+                                             generator, batch_loss, device)}
         scheduler.step()
         for name, split in (("train", train), ("val", val)):
-            logits = predict_shared(model, split.x, 4096, device)
+            logits = predict_shared(model, placed[name], 4096, device)
             row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
         # `logits` are the validation ones now: one pass serves accuracy and loss
         row["val_loss"] = float(nn.functional.cross_entropy(logits, val.y))
@@ -302,14 +337,20 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
     resumes from its last checkpoint and saves one after every epoch."""
     if relabel is not None and train.labels is None:
         raise ValueError("relabel needs the training labels (ConfidenceData.labels)")
-    model.to(device)
+    settings = compute()
+    settings.prepare(model, device)
+    # the training tensors and the validation inputs move to the device once
+    train_inputs, val_inputs = settings.place(train.inputs, device), settings.place(val.inputs,
+                                                                                    device)
+    train_target, train_correct = train.target.to(device), train.correct.to(device)
+    train_labels = train.labels.to(device) if train.labels is not None else None
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator, draws = distributed.generators(seed)
     net = distributed.wrap(model, device, static_graph=True)
 
     def validate() -> float:
-        value = aupr_error(confidence_scores(model, val.inputs, device, shared=True),
-                           val.correct.numpy())
+        value = aupr_error(confidence_scores(model, val_inputs, device, shared=True),
+                           val.correct.cpu().numpy())
         return -1.0 if np.isnan(value) else value
 
     def start() -> FitResult:
@@ -318,16 +359,18 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                          [{"epoch": 0, "val_aupr_error": value}])
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        inputs = train.inputs[idx].to(device)
-        if relabel is None or train.labels is None:
-            target, correct = train.target[idx].to(device), train.correct[idx].to(device)
-        else:
-            inputs, target, correct = relabel(inputs, train.labels[idx].to(device), draws)
-        return loss_fn(net(inputs), target, correct, **loss_kwargs)
+        inputs = train_inputs[idx]
+        with settings.autocast(device):
+            if relabel is None or train_labels is None:
+                target, correct = train_target[idx], train_correct[idx]
+            else:
+                inputs, target, correct = relabel(inputs, train_labels[idx], draws)
+            output = net(inputs)
+        return loss_fn(output.float(), target, correct, **loss_kwargs)
 
     def run_epoch() -> dict[str, float]:
         return {"train_loss": train_one_epoch(net, optimiser, len(train.target), batch_size,
-                                              generator, batch_loss),
+                                              generator, batch_loss, device),
                 "val_aupr_error": validate()}
 
     return _fit_epochs(model, optimiser, generator, epochs, desc, log, checkpointer, start,

@@ -13,17 +13,22 @@ from pipeline.data import load_dataset
 from pipeline.io import atomic_write_npz
 from pipeline.models import load_classifier
 from pipeline.outputs import load_features
-from pipeline.runtime import resolve_device
+from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
+    with computing(**compute_params(params)):
+        score_all(params, run)
+
+
+def score_all(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     dataset = load_dataset(DATA)
     classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
                                      params["classifier"])
-    classifier.to(device)
+    compute().prepare(classifier, device)
     train = load_features("train")
     val = load_features("val")
     contexts = {}

@@ -9,17 +9,22 @@ from pipeline.data import SPLITS, load_dataset
 from pipeline.features import extract
 from pipeline.models import load_classifier
 from pipeline.outputs import save_features
-from pipeline.runtime import resolve_device
+from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
+    with computing(**compute_params(params)):
+        extract_all(params, run)
+
+
+def extract_all(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     data = load_dataset(DATA)
     classifier = load_classifier(CLASSIFIER, data.input_shape, data.num_classes,
                                      params["classifier"])
-    classifier.to(device)
+    compute().prepare(classifier, device)
     for split in SPLITS:
         features = extract(classifier, data[split], 4096, device)
         save_features(split, features)

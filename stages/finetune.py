@@ -37,13 +37,18 @@ from pipeline.io import (
 )
 from pipeline.losses import LOSSES, loss_kwargs
 from pipeline.models import ConfidNetHead, ConfidNetModel, load_classifier
-from pipeline.runtime import resolve_device
+from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, confidnet_summary_metrics
 from pipeline.training import confidence_scores, fit_confidence
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
+    with computing(**compute_params(params)):
+        train(params, run)
+
+
+def train(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     checkpointer = Checkpointer.for_stage("finetune", params)
     cfg, head_cfg = params["finetune"], params["confidnet"]
@@ -54,8 +59,9 @@ def body(params: dict[str, Any], run: StageRun) -> None:
     head.load_state_dict(torch.load(CONFIDNET, map_location="cpu", weights_only=True))
     model = ConfidNetModel(classifier, head)
     augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
-    relabel = (AugmentedTargets(classifier.to(device), augment, params["criterion"])
-               if augment.active else None)
+    # the untouched classifier that recomputes targets (the encoder copy is made above)
+    relabel = (AugmentedTargets(compute().prepare(classifier, device), augment,
+                                params["criterion"]) if augment.active else None)
     data = {
         s: confidence_targets(load_features(s), params["criterion"], inputs=dataset[s].x)
         for s in ("train", "val", "test")

@@ -12,12 +12,18 @@ from pipeline.data import load_dataset
 from pipeline.distributed import is_main
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, history_csv
 from pipeline.models import build_classifier
+from pipeline.runtime import compute_params, computing
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, classifier_summary_metrics
 from pipeline.training import resolve_device, train_classifier
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
+    with computing(**compute_params(params)):
+        train(params, run)
+
+
+def train(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     checkpointer = Checkpointer.for_stage("train_classifier", params)
     data = load_dataset(DATA)

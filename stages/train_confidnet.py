@@ -57,7 +57,7 @@ from pipeline.io import (
 )
 from pipeline.losses import LOSSES, loss_kwargs
 from pipeline.models import ConfidNetHead, load_classifier
-from pipeline.runtime import resolve_device
+from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.stage import run_stage
 from pipeline.tracking import StageRun, confidnet_summary_metrics
 from pipeline.training import Relabel, confidence_scores, fit_confidence
@@ -71,7 +71,8 @@ def per_batch_targets(params: dict[str, Any], device: torch.device,
     the training images, run through the frozen classifier batch by batch."""
     dataset = load_dataset(DATA)
     classifier = load_classifier(CLASSIFIER, dataset.input_shape, dataset.num_classes,
-                                 params["classifier"]).to(device)
+                                 params["classifier"])
+    compute().prepare(classifier, device)
     augment = Augmentation.from_params(params["classifier"]["augmentation"], dataset.pad_value)
     dropout = params["confidnet"]["features"] == "dropout"
     if dropout and not augment.active and classifier.dropout_only_on_features:
@@ -83,6 +84,11 @@ def per_batch_targets(params: dict[str, Any], device: torch.device,
 
 
 def body(params: dict[str, Any], run: StageRun) -> None:
+    with computing(**compute_params(params)):
+        train(params, run)
+
+
+def train(params: dict[str, Any], run: StageRun) -> None:
     device = resolve_device(params["device"])
     checkpointer = Checkpointer.for_stage("train_confidnet", params)
     cfg = params["confidnet"]
