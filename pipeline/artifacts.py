@@ -16,6 +16,8 @@ CLASSIFIER = MODELS / "classifier.pt"
 CONFIDNET = MODELS / "confidnet.pt"
 CONFIDNET_FINETUNED = MODELS / "confidnet_finetuned.pt"
 FEATURES = Path("features")
+# Segmentation only: the first test images and label maps, for the report's Figure 5.
+FIGURE_IMAGES = FEATURES / "figure_images.npz"
 SCORES = Path("scores")
 BASELINE_SCORES = SCORES / "baselines"
 CONFIDNET_SCORES = SCORES / "confidnet.npz"
