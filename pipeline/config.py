@@ -196,9 +196,9 @@ class Params(Section):
 
     setting: Annotated[str, _one_of(_preset_names("setting"))]
     budget: Annotated[str, _one_of(_preset_names("budget"))]
-    task: Task
     seed: NonNegativeInt
     dataset: Annotated[str, _one_of(_registry_names("pipeline.data", "DATASETS"))]
+    task: Task
     loss: Annotated[str, _one_of(_registry_names("pipeline.losses", "LOSSES"))]
     criterion: Annotated[str, _one_of(_registry_names("pipeline.losses", "CRITERIA"))]
     device: Annotated[str, AfterValidator(_is_device)]

@@ -166,12 +166,15 @@ def mc_dropout_pixels(classifier: Classifier, images: torch.Tensor, keep: torch.
     (samples, P_b, K). The passes of one image run in batches of at most ``per_pass``
     copies (:func:`pipeline.baselines.mc_dropout_probabilities` per image)."""
     passes = []
+    was_training = classifier.training
     for i in range(len(images)):
         image_keep = keep[i]
         per_image = []
         for start in range(0, samples, per_pass):
             count = min(per_pass, samples - start)
-            probs = mc_dropout_probabilities(_PixelClassifier(classifier, image_keep),
+            # the wrapper takes the classifier's mode, which the passes restore on exit
+            wrapper = _PixelClassifier(classifier, image_keep).train(was_training)
+            probs = mc_dropout_probabilities(wrapper,
                                              images[i:i + 1], samples=count, batch_size=count,
                                              device=device, seed=seed + 7919 * (i * samples
                                                                                 + start))
