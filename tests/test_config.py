@@ -78,7 +78,8 @@ BAD_ROWS = [
     pytest.param("baselines.batch_size", 0, ["baselines.batch_size = 0", ">= 1"],
                  id="zero-mc-batch-size"),
     pytest.param("dataset", "imagenet", ["dataset = 'imagenet'",
-                                         "valid values: camvid, cifar10, cifar100, digits, mnist, svhn"],
+                                         "valid values: camvid, cifar10, cifar100, digits, "
+                                         "mnist, svhn"],
                  id="unknown-dataset"),
     pytest.param("criterion", "tcpr", ["criterion = 'tcpr'", "valid values: tcp, tcp_r"],
                  id="unknown-criterion"),
