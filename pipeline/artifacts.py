@@ -16,6 +16,8 @@ CLASSIFIER = MODELS / "classifier.pt"
 CONFIDNET = MODELS / "confidnet.pt"
 CONFIDNET_FINETUNED = MODELS / "confidnet_finetuned.pt"
 FEATURES = Path("features")
+# Segmentation only: the first test images and label maps, for the report's Figure 5.
+FIGURE_IMAGES = FEATURES / "figure_images.npz"
 SCORES = Path("scores")
 BASELINE_SCORES = SCORES / "baselines"
 CONFIDNET_SCORES = SCORES / "confidnet.npz"
@@ -47,6 +49,10 @@ FIGURES = REPORTS / "figures"
 # Read by the report stage: the paper's numbers and the report's template, shipped with
 # the package.
 PAPER_RESULTS = Path("pipeline") / "paper_results.yaml"
+# CamVid's MD5 of every file, read by download (pipeline/camvid.py). A dep of every stage
+# that imports pipeline.data (which registers CamVid), as tests/test_dvc_yaml.py requires
+# of package data its code names.
+CAMVID_MANIFEST = Path("pipeline") / "manifests" / "camvid.md5"
 REPORT_TEMPLATE = Path("pipeline") / "templates" / "report.md.j2"
 
 
@@ -79,23 +85,25 @@ TRACKED_STAGES = STAGE_ORDER[1:]
 
 STAGES: dict[str, StageFiles] = {
     CHECK_PARAMS: StageFiles((), (PARAMS_CHECKED,)),
-    "download": StageFiles((PARAMS_CHECKED,), (run_record_path("download"), DATA)),
+    "download": StageFiles((PARAMS_CHECKED, CAMVID_MANIFEST),
+                           (run_record_path("download"), DATA)),
     "train_classifier": StageFiles(
-        (PARAMS_CHECKED, DATA),
+        (PARAMS_CHECKED, CAMVID_MANIFEST, DATA),
         (run_record_path("train_classifier"), CLASSIFIER, CLASSIFIER_METRICS,
          CLASSIFIER_CURVES)),
     "extract_features": StageFiles(
-        (PARAMS_CHECKED, DATA, CLASSIFIER), (run_record_path("extract_features"), FEATURES)),
+        (PARAMS_CHECKED, CAMVID_MANIFEST, DATA, CLASSIFIER),
+        (run_record_path("extract_features"), FEATURES)),
     "train_confidnet": StageFiles(
-        (PARAMS_CHECKED, DATA, FEATURES, CLASSIFIER),
+        (PARAMS_CHECKED, CAMVID_MANIFEST, DATA, FEATURES, CLASSIFIER),
         (run_record_path("train_confidnet"), CONFIDNET, CONFIDNET_SCORES, CONFIDNET_METRICS,
          CONFIDNET_CURVES)),
     "finetune": StageFiles(
-        (PARAMS_CHECKED, DATA, FEATURES, CLASSIFIER, CONFIDNET),
+        (PARAMS_CHECKED, CAMVID_MANIFEST, DATA, FEATURES, CLASSIFIER, CONFIDNET),
         (run_record_path("finetune"), CONFIDNET_FINETUNED, FINETUNED_SCORES, FINETUNE_METRICS,
          FINETUNE_CURVES)),
     "baselines": StageFiles(
-        (PARAMS_CHECKED, DATA, FEATURES, CLASSIFIER),
+        (PARAMS_CHECKED, CAMVID_MANIFEST, DATA, FEATURES, CLASSIFIER),
         (run_record_path("baselines"), BASELINE_SCORES)),
     "evaluate": StageFiles(
         (PARAMS_CHECKED, FEATURES, SCORES),

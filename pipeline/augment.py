@@ -100,3 +100,13 @@ def random_rotation(images: torch.Tensor, degrees: float, fill: torch.Tensor,
     rotated = F.grid_sample(images - fill, grid, mode="nearest", padding_mode="zeros",
                             align_corners=False)
     return rotated + fill
+
+
+def flip_pairs(images: torch.Tensor, labels: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segmentation's augmentation (authors' CamVid: horizontal flip): each image (B, C, H,
+    W) and its label map (B, H, W) flipped together with probability 1/2."""
+    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)
+    return images, labels

@@ -65,6 +65,10 @@ class ScoringContext:
     params: dict[str, Any] | None = None
     val_logits: np.ndarray | None = None  # (N_val, K)
     val_labels: np.ndarray | None = None  # (N_val,)
+    # Segmentation (pipeline.segmentation): a batch of pixels' MC Dropout passes computed
+    # by the caller, (samples, N, K), and TrustScore's index of training pixels, built once.
+    precomputed_mc: torch.Tensor | None = None
+    neighbours: ClassIndexes | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -76,6 +80,8 @@ class ScoringContext:
         so every MC Dropout scorer reads the same passes. Settings from ``params``
         (``mc_samples``, default 50; ``batch_size``, default 4096) and ``seed``; do not
         change them on a context after the first read."""
+        if self.precomputed_mc is not None:
+            return self.precomputed_mc
         if self.classifier is None or self.inputs is None:
             raise ValueError("MC Dropout needs the classifier and the split's inputs")
         cfg = self.params or {}
@@ -313,31 +319,53 @@ def flat_l2_index(dim: int, device: torch.device | str = "cpu") -> Any:
     return faiss.GpuIndexFlatL2(_gpu_resources(), dim, config)
 
 
+class ClassIndexes:
+    """One exact nearest-neighbour index per class over the training features
+    (:func:`flat_l2_index`, on ``device``'s GPU when faiss can), built once and searched by
+    as many query batches as needed."""
+
+    def __init__(self, train_features: np.ndarray, train_labels: np.ndarray,
+                 num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.indexes: dict[int, Any] = {}
+        for k in range(num_classes):
+            members = np.ascontiguousarray(train_features[train_labels == k], dtype=np.float32)
+            if len(members) < 2:
+                continue  # a class with fewer than two points is never the nearest
+            index = flat_l2_index(members.shape[1], device)
+            index.add(members)
+            self.indexes[k] = index
+
+    def second_neighbour_distances(self, queries: np.ndarray) -> np.ndarray:
+        """(N, K) Euclidean distance from each query to its 2nd nearest training point
+        of each class (inf for a class with fewer than two points)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        distances = np.full((len(queries), self.num_classes), np.inf, dtype=np.float64)
+        for k, index in self.indexes.items():
+            squared, _ = index.search(queries, 2)
+            distances[:, k] = np.sqrt(np.maximum(squared[:, 1], 0.0))
+        return distances
+
+
 def second_neighbour_distances(
     train_features: np.ndarray, train_labels: np.ndarray, queries: np.ndarray, num_classes: int,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """(N, K) Euclidean distance from each query to its 2nd nearest training point of
-    each class (exact search: :func:`flat_l2_index`, on ``device``'s GPU when faiss can)."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    distances = np.full((len(queries), num_classes), np.inf, dtype=np.float64)
-    for k in range(num_classes):
-        members = np.ascontiguousarray(train_features[train_labels == k], dtype=np.float32)
-        if len(members) < 2:
-            continue  # a class with fewer than two points is never the nearest
-        index = flat_l2_index(members.shape[1], device)
-        index.add(members)
-        squared, _ = index.search(queries, 2)
-        distances[:, k] = np.sqrt(np.maximum(squared[:, 1], 0.0))
-    return distances
+    each class (exact search: :class:`ClassIndexes`)."""
+    return ClassIndexes(train_features, train_labels, num_classes,
+                        device).second_neighbour_distances(queries)
 
 
 @SCORERS.register("trustscore")
 def trust_score(ctx: ScoringContext) -> np.ndarray:
     num_classes = ctx.logits.shape[1]
-    distances = second_neighbour_distances(
-        ctx.train_features, ctx.train_labels, ctx.features, num_classes, ctx.device
-    )
+    if ctx.neighbours is not None:
+        distances = ctx.neighbours.second_neighbour_distances(ctx.features)
+    else:
+        distances = second_neighbour_distances(
+            ctx.train_features, ctx.train_labels, ctx.features, num_classes, ctx.device
+        )
     rows = np.arange(len(distances))
     predicted = ctx.predictions
     to_predicted = distances[rows, predicted].copy()

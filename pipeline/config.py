@@ -112,6 +112,8 @@ Checksums = Annotated[dict[str, str], _if_shaped(
 # dropout active, as the authors' learner does; in eval mode, batch by batch; or as features
 # cached once by extract_features (see stages/train_confidnet.py).
 ConfidNetFeatures = Literal["dropout", "no_dropout", "cached"]
+# What the dataset asks of the classifier: one class per image, or one per pixel (CamVid).
+Task = Literal["classification", "segmentation"]
 CONFIDNET_FEATURES: tuple[str, ...] = get_args(ConfidNetFeatures)
 
 
@@ -128,6 +130,8 @@ class DataParams(Section):
     split_seed: NonNegativeInt | None
     mirror: str
     checksums: Checksums
+    image_scale: Fraction  # segmentation only: images resized by this factor
+    max_images_per_split: NonNegativeInt  # segmentation only: 0 = every image
 
 
 class AugmentationParams(Section):
@@ -136,8 +140,12 @@ class AugmentationParams(Section):
     crop_padding: NonNegativeInt
 
 
+Optimizer = Literal["sgd", "adam"]
+
+
 class ClassifierParams(Section):
     model: Annotated[str, _one_of(_registry_names("pipeline.models", "MODELS"))]
+    optimizer: Optimizer
     hidden: PositiveInt
     dropout: Annotated[float, Field(ge=0.0, le=0.95)]
     epochs: PositiveInt
@@ -171,6 +179,11 @@ class FinetuneParams(Section):
 class BaselinesParams(Section):
     mc_samples: PositiveInt
     batch_size: PositiveInt
+    trustscore_train_pixels: PositiveInt  # segmentation only
+
+
+class ReportParams(Section):
+    figure_images: NonNegativeInt  # segmentation only: test images of the Fig. 5 panel
 
 
 class EvaluateParams(Section):
@@ -188,6 +201,7 @@ class Params(Section):
     budget: Annotated[str, _one_of(_preset_names("budget"))]
     seed: NonNegativeInt
     dataset: Annotated[str, _one_of(_registry_names("pipeline.data", "DATASETS"))]
+    task: Task
     loss: Annotated[str, _one_of(_registry_names("pipeline.losses", "LOSSES"))]
     criterion: Annotated[str, _one_of(_registry_names("pipeline.losses", "CRITERIA"))]
     device: Annotated[str, AfterValidator(_is_device)]
@@ -201,6 +215,7 @@ class Params(Section):
     finetune: FinetuneParams
     baselines: BaselinesParams
     evaluate: EvaluateParams
+    report: ReportParams
     tracking: TrackingParams
 
     @model_validator(mode="after")
@@ -212,6 +227,39 @@ class Params(Section):
             raise PydanticCustomError("cross_key", "{problem}", {"problem": (
                 f"confidnet.error_weight = {weight!r}: only the losses {', '.join(weighted)} "
                 f"weigh errors; loss = {self.loss!r} needs confidnet.error_weight = 1")})
+        return self
+
+    @model_validator(mode="after")
+    def _task_matches_the_dataset(self) -> Params:
+        """``task`` is the dataset's, and each task's knobs hold values it can use."""
+        datasets = _registry_attribute("pipeline.data", "DATASETS")
+        expected = datasets[self.dataset].task
+        problems = []
+        if self.task != expected:
+            problems.append(f"task = {self.task!r}: dataset {self.dataset!r} is a {expected} "
+                            f"dataset; set task: {expected}")
+        elif expected == "segmentation":
+            segmenting = [(self.confidnet.features == "cached", "confidnet.features = 'cached'",
+                           "dropout or no_dropout (decoder feature maps are not cached)"),
+                          (self.loss == "ranking", "loss = 'ranking'",
+                           "mse, bce or focal (pairs of pixels would not fit)"),
+                          (self.classifier.augmentation.rotate_degrees != 0
+                           or self.classifier.augmentation.crop_padding != 0,
+                           "classifier.augmentation rotate_degrees / crop_padding",
+                           "0 (segmentation flips only: the label maps follow the images)"),
+                          (self.nproc_per_node != 1, f"nproc_per_node = {self.nproc_per_node}",
+                           "1 (segmentation trains in one process)")]
+            problems += [f"{what}: task segmentation needs {fix}"
+                         for bad, what, fix in segmenting if bad]
+        else:
+            if self.data.image_scale != 1 or self.data.max_images_per_split != 0:
+                problems.append(
+                    f"data.image_scale = {self.data.image_scale!r} / data.max_images_per_split"
+                    f" = {self.data.max_images_per_split!r}: only a segmentation dataset is "
+                    f"scaled or capped; {self.dataset!r} needs 1.0 and 0")
+        if problems:
+            raise PydanticCustomError("cross_key", "{problem}",
+                                      {"problem": "; ".join(problems)})
         return self
 
 

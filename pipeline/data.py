@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import camvid
 from pipeline.errors import READ_ERRORS, DataError, UnknownDatasetError
 from pipeline.image_datasets import SPECS, image_entry
 from pipeline.io import atomic_write_json, atomic_write_npz
@@ -87,6 +88,9 @@ DATASETS.register("digits")(DatasetEntry(
     num_classes=10, input_shape=(1, 8, 8)))
 for _spec in SPECS:
     DATASETS.register(_spec.name)(image_entry(_spec))
+DATASETS.register(camvid.NAME)(camvid.ENTRY)
+
+TASKS = ("classification", "segmentation")
 
 
 def load_dataset(folder: Path) -> Dataset:
@@ -117,6 +121,9 @@ def check_dataset(dataset: Dataset, entry: DatasetEntry, info: dict[str, Any],
     finite inputs of shape ``(N, *input_shape)``, int64 labels in ``[0, num_classes)``,
     and split sizes as ``split.json`` records them."""
     info_path, path = folder / "split.json", folder / entry.data_file
+    if entry.task == "segmentation":
+        check_segmentation(dataset, entry, info, folder)
+        return
     if list(field(info, info_path, "input_shape")) != list(entry.input_shape):
         raise DataError(info_path, f"input_shape {info['input_shape']}, but dataset "
                                    f"{dataset.name!r} has {list(entry.input_shape)}")
@@ -142,5 +149,39 @@ def check_dataset(dataset: Dataset, entry: DatasetEntry, info: dict[str, Any],
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= entry.num_classes):
             raise DataError(path, f"{s} split: labels in [{int(y.min())}, {int(y.max())}], "
                                   f"outside [0, {entry.num_classes})")
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(path, f"{s} split: inputs hold NaN or infinite values")
+
+
+def check_segmentation(dataset: Dataset, entry: DatasetEntry, info: dict[str, Any],
+                       folder: Path) -> None:
+    """:func:`check_dataset` for one class per pixel: float32 finite inputs (N, C, H, W)
+    of the shape ``split.json`` records (it depends on ``data.image_scale``), int64 label
+    maps (N, H, W) in ``[0, num_classes)`` or the void label, split sizes as recorded."""
+    info_path, path = folder / "split.json", folder / entry.data_file
+    shape = tuple(field(info, info_path, "input_shape"))
+    if len(shape) != 3 or shape[0] != entry.input_shape[0]:
+        raise DataError(info_path, f"input_shape {list(shape)}, expected [{entry.input_shape[0]}"
+                                   ", height, width]")
+    sizes = field(info, info_path, "sizes")
+    if not isinstance(sizes, dict) or sorted(sizes) != sorted(SPLITS):
+        raise DataError(info_path, f"sizes must give {', '.join(SPLITS)}; got {sizes!r}")
+    void = entry.void_label
+    for s in SPLITS:
+        x, y = dataset[s].x, dataset[s].y
+        if x.dtype != torch.float32 or y.dtype != torch.int64:
+            raise DataError(path, f"{s} split: inputs {x.dtype} and labels {y.dtype}; "
+                                  "expected torch.float32 and torch.int64")
+        if tuple(x.shape) != (len(y), *shape) or tuple(y.shape) != (len(y), *shape[1:]):
+            raise DataError(path, f"{s} split: inputs {tuple(x.shape)} and labels "
+                                  f"{tuple(y.shape)}; expected (N, {', '.join(map(str, shape))})"
+                                  f" and (N, {shape[1]}, {shape[2]})")
+        if len(y) != sizes[s]:
+            raise DataError(path, f"{s} split has {len(y)} samples, but {info_path} "
+                                  f"records {sizes[s]}")
+        bad = (y < 0) | ((y >= entry.num_classes) & (y != void))
+        if bool(bad.any()):
+            raise DataError(path, f"{s} split: labels outside [0, {entry.num_classes}) and "
+                                  f"the void label {void}")
         if not bool(torch.isfinite(x).all()):
             raise DataError(path, f"{s} split: inputs hold NaN or infinite values")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.augment import Augmentation
+from pipeline.augment import Augmentation, flip_pairs
 from pipeline.losses import CRITERIA
 from pipeline.models import Classifier, enable_mc_dropout
 from pipeline.outputs import Features, load_features, save_features  # noqa: F401  (re-exported)
@@ -37,8 +37,9 @@ def extract(classifier: Classifier, split: Split, batch_size: int,
 
 def criterion_targets(logits: torch.Tensor, labels: torch.Tensor,
                       criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The criterion value (TCP, eq. 2, or TCP^r, eq. 3) of the classifier's ``logits``,
-    computed in float64, and whether its prediction is correct (int64)."""
+    """The criterion value (TCP, eq. 2, or TCP^r, eq. 3) of the classifier's ``logits``
+    (classes on the last axis), computed in float64, and whether its prediction is correct
+    (int64)."""
     probs = torch.softmax(logits.double(), dim=-1)
     target = CRITERIA[criterion](probs, labels).float()
     return target, (logits.argmax(dim=-1) == labels).long()
@@ -117,3 +118,37 @@ class AugmentedTargets:
         target, correct = criterion_targets(self.classifier.classify(features).float(), labels,
                                             self.criterion)
         return (features.float() if self.features else augmented), target, correct
+
+
+@dataclass(frozen=True)
+class SegmentationTargets:
+    """Per-pixel targets for ConfidNet on a segmentation model, recomputed for every
+    training batch as :class:`AugmentedTargets` does for images: flip images and label maps
+    together (``hflip``), run the frozen classifier (its dropout active with ``dropout``,
+    the authors' phase 1; batch-norm in eval mode) and take the criterion of each pixel's
+    prediction. Returns the flipped images (fine-tuning) or, with ``features``, the
+    decoder's feature maps (phase 1), the target (B, H, W) and ``correct`` (B, H, W), -1
+    on void pixels, which the loss leaves out (:func:`pipeline.training.fit_confidence`)."""
+
+    classifier: Classifier
+    criterion: str
+    void_label: int
+    hflip: bool
+    features: bool = False
+    dropout: bool = False
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.dropout:
+            enable_mc_dropout(self.classifier)
+        else:
+            self.classifier.eval()
+        if self.hflip:
+            images, labels = flip_pairs(images, labels, generator)
+        features = self.classifier.encode(images)
+        logits = self.classifier.classify(features).float().permute(0, 2, 3, 1)
+        void = labels == self.void_label
+        target, correct = criterion_targets(logits, labels.masked_fill(void, 0), self.criterion)
+        return ((features.float() if self.features else images), target.masked_fill(void, 0.0),
+                correct.masked_fill(void, -1))

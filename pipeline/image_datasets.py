@@ -92,9 +92,10 @@ MIRROR_HELP = (
 class Archive:
     """One file to download: its official name, MD5 and URLs (tried in turn)."""
 
-    filename: str
+    filename: str  # may hold folders ("train/0001TP_006690.png"), kept under the cache
     md5: str
     urls: tuple[str, ...]
+    md5_origin: str = "torchvision's official MD5"  # named when the MD5 does not match
 
 
 @dataclass(frozen=True)
@@ -195,17 +196,17 @@ def fetch(archive: Archive, cache: Path, mirror: str,
 
     name = archive.filename
     expected = checksums.get(name, archive.md5)
-    origin = "data.checksums" if name in checksums else "torchvision's official MD5"
+    origin = "data.checksums" if name in checksums else archive.md5_origin
     target, record = cache / name, cache / f"{name}.source"
     if check_integrity(target, expected):
         source = record.read_text().strip() if record.is_file() else str(target)
         return {"file": name, "md5": expected, "source": source}
     target.unlink(missing_ok=True)  # a stale or damaged copy: download again
-    cache.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     locations = _mirror_locations(mirror, name) if mirror else archive.urls
     failures = []
     for location in locations:
-        part = cache / f".{name}.{uuid.uuid4().hex}.part"
+        part = target.parent / f".{target.name}.{uuid.uuid4().hex}.part"
         try:
             if isinstance(location, Path):
                 if not location.is_file():
@@ -215,7 +216,7 @@ def fetch(archive: Archive, cache: Path, mirror: str,
             else:
                 with _socket_timeout(TIMEOUT_SECONDS), contextlib.suppress(RuntimeError):
                     # RuntimeError: torchvision's "File not found or corrupted." (MD5 below)
-                    download_url(location, str(cache), part.name, expected)
+                    download_url(location, str(part.parent), part.name, expected)
                 if not part.is_file():
                     failures.append(f"{location} (nothing downloaded)")
                     continue

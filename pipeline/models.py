@@ -21,9 +21,12 @@ from pipeline.registry import Registry
 
 
 class Classifier(nn.Module):
-    """A classifier ``classify(encode(x))`` with a known feature width."""
+    """A classifier ``classify(encode(x))`` with a known feature width. A segmentation
+    model (``per_pixel``) classifies every pixel: ``encode`` gives (N, feature_dim, H, W)
+    feature maps and ``classify`` (N, K, H, W) logits."""
 
     feature_dim: int
+    per_pixel: ClassVar[bool] = False
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -300,6 +303,87 @@ def build_vgg16(input_shape: tuple[int, ...], num_classes: int,
     return VGG16(input_shape, num_classes, hidden=cfg["hidden"], dropout=cfg["dropout"])
 
 
+class SegNet(Classifier):
+    """SegNet (Badrinarayanan et al. 2017), as the authors' CamVid model (paper Sec. 3.1;
+    valeoai/ConfidNet, ``segnet.py``): a VGG16-style encoder of conv3x3-BN-ReLU blocks
+    (2x64, 2x128, 3x256, 3x512, 3x512), each closed by a 2x2 max-pool that records its
+    indices, and a mirrored decoder that unpools with those indices to the recorded
+    pre-pool sizes (360x480 is not a multiple of 32: odd sizes come back exactly), then
+    the block's convolutions in reverse. Dropout ``dropout`` (0.5) after encoder blocks
+    3-5 (Bayesian SegNet's central placement) and 0.5, 0.4, 0.3 after decoder blocks 5, 4,
+    3. ``encode`` ends at the decoder's last 64-channel feature map, what the per-pixel
+    ConfidNet reads (``feature_dim`` 64); ``classify`` is a 3x3 convolution to the class
+    logits. Zero 'same' padding, as SegNet; trained from scratch."""
+
+    per_pixel: ClassVar[bool] = True
+    BLOCKS: ClassVar[tuple[tuple[int, ...], ...]] = (
+        (64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+    DECODER_DROPOUT: ClassVar[tuple[float, ...]] = (0.5, 0.4, 0.3)
+    FEATURES: ClassVar[int] = 64
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        channels, _, _ = _image_shape("segnet", input_shape, min_size=2 ** len(self.BLOCKS))
+        self.feature_dim = self.FEATURES
+        self.encoder = nn.ModuleList()
+        self.encoder_dropout = nn.ModuleList()
+        size = channels
+        for b, widths in enumerate(self.BLOCKS):
+            layers = []
+            for width in widths:
+                layers += [nn.Conv2d(size, width, 3, padding=1), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                size = width
+            self.encoder.append(nn.Sequential(*layers))
+            self.encoder_dropout.append(nn.Dropout(dropout) if b >= 2 else nn.Identity())
+        self.decoder = nn.ModuleList()
+        self.decoder_dropout = nn.ModuleList()
+        # decoder block i mirrors encoder block i: its convs keep the width, the last one
+        # narrows to the width entering the encoder block (64 for the first block)
+        for b in reversed(range(len(self.BLOCKS))):
+            widths = self.BLOCKS[b]
+            out = self.BLOCKS[b - 1][-1] if b > 0 else self.FEATURES
+            layers = []
+            for i, width in enumerate(widths):
+                target = out if i == len(widths) - 1 else width
+                layers += [nn.Conv2d(width, target, 3, padding=1), nn.BatchNorm2d(target),
+                           nn.ReLU(inplace=True)]
+            self.decoder.append(nn.Sequential(*layers))
+            rank = len(self.BLOCKS) - 1 - b
+            self.decoder_dropout.append(nn.Dropout(self.DECODER_DROPOUT[rank])
+                                        if rank < len(self.DECODER_DROPOUT) else nn.Identity())
+        self.fc_out = nn.Conv2d(self.FEATURES, num_classes, 3, padding=1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        trail = []
+        for block, dropout in zip(self.encoder, self.encoder_dropout, strict=True):
+            x = block(x)
+            size = x.shape[-2:]
+            x, indices = nn.functional.max_pool2d(x, 2, 2, return_indices=True)
+            trail.append((indices, size))
+            x = dropout(x)
+        for block, dropout in zip(self.decoder, self.decoder_dropout, strict=True):
+            indices, size = trail.pop()
+            x = nn.functional.max_unpool2d(x, indices, (2, 2), (2, 2), output_size=list(size))
+            x = dropout(block(x))
+        return x
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(features)
+
+
+@MODELS.register("segnet")
+def build_segnet(input_shape: tuple[int, ...], num_classes: int,
+                 cfg: dict[str, Any]) -> Classifier:
+    """``classifier.hidden`` must be 64 (the decoder's last width, SegNet's feature maps);
+    ``classifier.dropout`` is the encoder's rate (the decoder's are fixed)."""
+    if cfg["hidden"] != SegNet.FEATURES:
+        raise ValueError(f"segnet: classifier.hidden = {cfg['hidden']}, but SegNet's feature "
+                         f"maps have {SegNet.FEATURES} channels; set classifier.hidden: 64")
+    return SegNet(input_shape, num_classes, dropout=cfg["dropout"])
+
+
 def build_classifier(input_shape: tuple[int, ...], num_classes: int,
                      cfg: dict[str, Any]) -> Classifier:
     return MODELS[cfg["model"]](tuple(input_shape), num_classes, cfg)
@@ -336,6 +420,37 @@ class ConfidNetHead(nn.Module):
         return self.net(features).squeeze(-1)
 
 
+class SegConfidNetHead(nn.Module):
+    """ConfidNet for segmentation (authors' ``segnet_selfconfid``): fully convolutional,
+    3x3 'same' convolutions ``in_channels`` -> 400 -> 120 -> 64 -> 64 -> 1 with ReLU
+    between, over the decoder's last feature map; one confidence logit per pixel
+    (``forward``: (N, H, W); the confidence is ``sigmoid(u)``)."""
+
+    WIDTHS: ClassVar[tuple[int, ...]] = (400, 120, 64, 64)
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size = in_channels
+        for width in self.WIDTHS:
+            layers += [nn.Conv2d(size, width, 3, padding=1), nn.ReLU(inplace=True)]
+            size = width
+        layers.append(nn.Conv2d(size, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(1)
+
+
+def build_confidnet_head(classifier: Classifier, cfg: dict[str, Any]) -> nn.Module:
+    """The ConfidNet head for ``classifier``: dense (``confidnet.width``, ``layers``) over
+    its penultimate features, or the per-pixel convolutional head for a segmentation
+    model (whose widths are fixed: ``width`` and ``layers`` do not apply)."""
+    if classifier.per_pixel:
+        return SegConfidNetHead(classifier.feature_dim)
+    return ConfidNetHead(classifier.feature_dim, cfg["width"], cfg["layers"])
+
+
 class ConfidNetModel(nn.Module):
     """Fine-tuning phase (paper Sec. 2.2, 'Learning scheme'): a *copy* of the classifier's
     encoder plus the ConfidNet head, trained end to end.
@@ -345,7 +460,7 @@ class ConfidNetModel(nn.Module):
     frozen, as the paper prescribes; gradients still flow through it.
     """
 
-    def __init__(self, classifier: Classifier, head: ConfidNetHead) -> None:
+    def __init__(self, classifier: Classifier, head: nn.Module) -> None:
         super().__init__()
         self.encoder = copy.deepcopy(classifier)
         self.head = head

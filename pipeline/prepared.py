@@ -76,6 +76,10 @@ class Dataset:
     input_shape: tuple[int, ...]
     splits: dict[str, Split]
     pad_value: tuple[float, ...] = (0.0,)
+    # "segmentation": ``y`` holds (N, H, W) class maps, ``void_label`` marking pixels that
+    # no loss or metric counts (CamVid's unlabelled class).
+    task: str = "classification"
+    void_label: int | None = None
 
     def __getitem__(self, split: str) -> Split:
         return self.splits[split]
@@ -91,6 +95,8 @@ class DatasetEntry:
     input_shape: tuple[int, ...]
     # The file, in the prepared folder, that the arrays come from: named by the checks.
     data_file: str = "dataset.npz"
+    task: str = "classification"  # or "segmentation": one class per pixel
+    void_label: int | None = None  # segmentation: the label ignored by losses and metrics
 
 
 def split_indices(

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline import distributed
-from pipeline.augment import Augmentation
+from pipeline.augment import Augmentation, flip_pairs
 from pipeline.checkpoint import Checkpointer
 from pipeline.metrics import aupr_error
 from pipeline.prepared import Split
@@ -81,6 +81,65 @@ def confidence_scores(model: nn.Module, inputs: torch.Tensor, device: torch.devi
     ``shared``, computed by every training process together (:func:`predict_shared`)."""
     outputs = (predict_shared if shared else predict)(model, inputs, 4096, device)
     return torch.sigmoid(outputs).double().numpy()
+
+
+# Images per forward pass when a segmentation model is evaluated (no gradient).
+SEGMENTATION_EVAL_BATCH = 8
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     void_label: int | None) -> torch.Tensor:
+    """(K, K) int64 counts, rows the true class and columns the predicted one, of every
+    pixel whose label is not ``void_label``."""
+    keep = (labels != void_label if void_label is not None
+            else torch.ones_like(labels, dtype=torch.bool))
+    pairs = labels[keep] * num_classes + predictions[keep]
+    return torch.bincount(pairs.flatten().cpu(), minlength=num_classes ** 2).view(
+        num_classes, num_classes)
+
+
+def pixel_accuracy_and_miou(confusion: torch.Tensor) -> tuple[float, float]:
+    """Pixel accuracy and mean IoU (over the classes present in the labels or the
+    predictions) of a confusion matrix."""
+    confusion = confusion.double()
+    total = float(confusion.sum())
+    accuracy = float(confusion.diag().sum()) / total if total else float("nan")
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    present = union > 0
+    miou = float((confusion.diag()[present] / union[present]).mean()) if bool(present.any()) \
+        else float("nan")
+    return accuracy, miou
+
+
+@torch.no_grad()
+def segmentation_evaluation(model: nn.Module, split: Split, num_classes: int,
+                            void_label: int | None, device: torch.device) -> dict[str, float]:
+    """Pixel accuracy, mean IoU and mean cross-entropy (void pixels ignored) of a
+    segmentation model over ``split``, image batch by image batch (nothing per pixel is
+    kept)."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss, pixels = 0.0, 0
+    ignore = -100 if void_label is None else void_label
+    for idx in batches(len(split), SEGMENTATION_EVAL_BATCH, None):
+        logits = model(split.x[idx].to(device)).float()
+        labels = split.y[idx].to(device)
+        loss += float(nn.functional.cross_entropy(logits, labels, ignore_index=ignore,
+                                                  reduction="sum"))
+        pixels += int((labels != ignore).sum())
+        confusion += confusion_matrix(logits.argmax(1), labels, num_classes, void_label)
+    accuracy, miou = pixel_accuracy_and_miou(confusion)
+    return {"accuracy": accuracy, "miou": miou, "loss": loss / max(pixels, 1)}
+
+
+def make_optimiser(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """``classifier.optimizer``: SGD with momentum (the classification settings) or Adam
+    (CamVid's SegNet); both with ``weight_decay``."""
+    if cfg.get("optimizer", "sgd") == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"],
+                                weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                           weight_decay=cfg["weight_decay"])
 
 
 @dataclass
@@ -261,38 +320,53 @@ def _fit_epochs(model: nn.Module, optimiser: torch.optim.Optimizer,
 def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, Any],
                      device: torch.device, seed: int, log: EpochLogger,
                      checkpointer: Checkpointer | None = None,
-                     augment: Augmentation | None = None) -> FitResult:
-    """Cross-entropy training with SGD (paper eq. 1), the learning rate multiplied by
-    ``gamma`` at each of ``milestones`` (the authors' CIFAR-100 schedule); keeps the epoch
-    with the best validation accuracy, as the authors do. ``augment`` applies to training
-    batches only: validation accuracy is measured on the images as they are. With a
-    ``checkpointer``, resumes from its last checkpoint and saves one after every epoch.
+                     augment: Augmentation | None = None, num_classes: int = 0,
+                     void_label: int | None = None) -> FitResult:
+    """Cross-entropy training with SGD or Adam (paper eq. 1), the learning rate multiplied
+    by ``gamma`` at each of ``milestones`` (the authors' CIFAR-100 schedule); keeps the
+    epoch with the best validation accuracy, as the authors do. ``augment`` applies to
+    training batches only: validation accuracy is measured on the images as they are. With
+    a ``checkpointer``, resumes from its last checkpoint and saves one after every epoch.
+    The splits move to ``device`` once; batches are augmented there.
 
-    The splits move to ``device`` once; batches are augmented there."""
+    A segmentation model (``model.per_pixel``, ``num_classes`` classes) is trained on
+    every pixel but ``void_label`` (ignored by the cross-entropy), its images and label
+    maps flipped together when ``augment.hflip``; its epoch is kept on the validation mean
+    IoU, its pixel accuracy logged as ``*_accuracy``."""
     settings = compute()
     settings.prepare(model, device)
     train_x, train_y = settings.place(train.x, device), train.y.to(device)
     placed = {"train": train_x, "val": settings.place(val.x, device)}
-    optimiser = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])
+    optimiser = make_optimiser(model, cfg)
+    per_pixel = bool(getattr(model, "per_pixel", False))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones=cfg["milestones"],
                                                      gamma=cfg["gamma"])
     generator, draws = distributed.generators(seed)
     net = distributed.wrap(model, device, sync_batchnorm=True)
 
+    ignore = -100 if void_label is None else void_label
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        x = train_x[idx]
-        if augment is not None:
+        x, y = train_x[idx], train_y[idx]
+        if per_pixel and augment is not None and augment.hflip:
+            x, y = flip_pairs(x, y, draws)
+        elif augment is not None:
             x = augment(x, draws)
         with settings.autocast(device):
             logits = net(x)
-        return nn.functional.cross_entropy(logits.float(), train_y[idx])
+        return nn.functional.cross_entropy(logits.float(), y, ignore_index=ignore)
 
     def run_epoch() -> dict[str, float]:
         row = {"lr": optimiser.param_groups[0]["lr"],
                "train_loss": train_one_epoch(net, optimiser, len(train), cfg["batch_size"],
                                              generator, batch_loss, device)}
         scheduler.step()
+        if per_pixel:
+            for name, split in (("train", train), ("val", val)):
+                scores = segmentation_evaluation(model, split, num_classes, void_label, device)
+                row[f"{name}_accuracy"], row[f"{name}_miou"] = scores["accuracy"], scores["miou"]
+            row["val_loss"] = scores["loss"]
+            return row
         for name, split in (("train", train), ("val", val)):
             logits = predict_shared(model, placed[name], 4096, device)
             row[f"{name}_accuracy"] = float((logits.argmax(1) == split.y).float().mean())
@@ -304,7 +378,8 @@ def train_classifier(model: nn.Module, train: Split, val: Split, cfg: dict[str, 
         return FitResult(copy.deepcopy(model.state_dict()), 0, -1.0)
 
     return _fit_epochs(model, optimiser, generator, cfg["epochs"], "train classifier", log,
-                       checkpointer, start, run_epoch, "val_accuracy", scheduler, draws)
+                       checkpointer, start, run_epoch,
+                       "val_miou" if per_pixel else "val_accuracy", scheduler, draws)
 
 
 @dataclass(frozen=True)
@@ -328,13 +403,18 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                    epochs: int, lr: float, batch_size: int, device: torch.device, seed: int,
                    log: EpochLogger, desc: str,
                    checkpointer: Checkpointer | None = None,
-                   relabel: Relabel | None = None) -> FitResult:
+                   relabel: Relabel | None = None,
+                   val_scores: Callable[[], np.ndarray] | None = None) -> FitResult:
     """Train a model that maps inputs to a confidence logit (Adam, as the authors do);
     keep the epoch with the best validation AUPR-Error. Epoch 0 is the starting point,
     so fine-tuning can never end worse on validation than where it began. With
     ``relabel``, each training batch is augmented and its targets recomputed (``train``
     must then carry ``labels``); validation is never augmented. With a ``checkpointer``,
-    resumes from its last checkpoint and saves one after every epoch."""
+    resumes from its last checkpoint and saves one after every epoch.
+
+    Segmentation: ``relabel`` gives per-pixel targets, ``correct`` -1 on void pixels, which
+    the loss leaves out; ``val_scores()`` gives the validation confidences of the pixels
+    ``val.correct`` lists (computed image by image), in place of ``model(val.inputs)``."""
     if relabel is not None and train.labels is None:
         raise ValueError("relabel needs the training labels (ConfidenceData.labels)")
     settings = compute()
@@ -349,8 +429,9 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
     net = distributed.wrap(model, device, static_graph=True)
 
     def validate() -> float:
-        value = aupr_error(confidence_scores(model, val_inputs, device, shared=True),
-                           val.correct.cpu().numpy())
+        scores = (confidence_scores(model, val_inputs, device, shared=True)
+                  if val_scores is None else val_scores())
+        value = aupr_error(scores, val.correct.cpu().numpy())
         return -1.0 if np.isnan(value) else value
 
     def start() -> FitResult:
@@ -366,10 +447,14 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
             else:
                 inputs, target, correct = relabel(inputs, train_labels[idx], draws)
             output = net(inputs)
-        return loss_fn(output.float(), target, correct, **loss_kwargs)
+        output = output.float()
+        if correct.dim() > 1:  # per pixel: void pixels (correct -1) are out of the loss
+            keep = correct >= 0
+            output, target, correct = output[keep], target[keep], correct[keep]
+        return loss_fn(output, target, correct, **loss_kwargs)
 
     def run_epoch() -> dict[str, float]:
-        return {"train_loss": train_one_epoch(net, optimiser, len(train.target), batch_size,
+        return {"train_loss": train_one_epoch(net, optimiser, len(train.inputs), batch_size,
                                               generator, batch_loss, device),
                 "val_aupr_error": validate()}
 

@@ -1,5 +1,6 @@
 """Stage 2: train the classifier (training images augmented as the setting says); keep the
-epoch with the best validation accuracy, measured on unaugmented validation images."""
+epoch with the best validation accuracy (segmentation: mean IoU), measured on unaugmented
+validation images."""
 
 from __future__ import annotations
 
@@ -32,13 +33,16 @@ def train(params: dict[str, Any], run: StageRun) -> None:
     augment = Augmentation.from_params(cfg["augmentation"], data.pad_value)
     result = train_classifier(model, data["train"], data["val"], cfg, device, params["seed"],
                               log=lambda epoch, row: run.log_metrics(row, step=epoch),
-                              checkpointer=checkpointer, augment=augment)
+                              checkpointer=checkpointer, augment=augment,
+                              num_classes=data.num_classes, void_label=data.void_label)
     if not is_main():
         return  # the other training processes only helped train
     atomic_torch_save(CLASSIFIER, result.best_state)
     best = result.history[result.best_epoch - 1]
     summary = {"best_epoch": result.best_epoch, "val_accuracy": best["val_accuracy"],
                "train_accuracy": best["train_accuracy"]}
+    if "val_miou" in best:  # segmentation: pixel accuracies above, and the mean IoU
+        summary.update(val_miou=best["val_miou"], train_miou=best["train_miou"])
     atomic_write_json(CLASSIFIER_METRICS, summary)
     atomic_write_text(CLASSIFIER_CURVES, history_csv(result.history))
     run.log_metrics(classifier_summary_metrics(summary))

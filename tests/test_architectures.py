@@ -119,7 +119,7 @@ def batch(setting: str, size: int = 2) -> torch.Tensor:
 
 
 def test_registry_names_and_classes(models: dict[str, Classifier]) -> None:
-    assert MODELS.names() == ["mlp", "smallconv_mnist", "smallconv_svhn", "vgg16"]
+    assert MODELS.names() == ["mlp", "segnet", "smallconv_mnist", "smallconv_svhn", "vgg16"]
     assert isinstance(models["mnist_mlp"], MLP)
     assert isinstance(models["mnist_smallconv"], SmallConvNetMNIST)
     assert isinstance(models["svhn_smallconv"], SmallConvNetSVHN)

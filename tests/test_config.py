@@ -78,12 +78,13 @@ BAD_ROWS = [
     pytest.param("baselines.batch_size", 0, ["baselines.batch_size = 0", ">= 1"],
                  id="zero-mc-batch-size"),
     pytest.param("dataset", "imagenet", ["dataset = 'imagenet'",
-                                         "valid values: cifar10, cifar100, digits, mnist, svhn"],
+                                         "valid values: camvid, cifar10, cifar100, digits, "
+                                         "mnist, svhn"],
                  id="unknown-dataset"),
     pytest.param("criterion", "tcpr", ["criterion = 'tcpr'", "valid values: tcp, tcp_r"],
                  id="unknown-criterion"),
     pytest.param("classifier.model", "resnet", ["classifier.model = 'resnet'",
-                                                "valid values: mlp, smallconv_mnist, "
+                                                "valid values: mlp, segnet, smallconv_mnist, "
                                                 "smallconv_svhn, vgg16"], id="unknown-model"),
     pytest.param("device", "gpu", ["device = 'gpu'", "auto, cpu, cuda, cuda:N"],
                  id="bad-device"),
@@ -123,8 +124,8 @@ BAD_ROWS = [
     pytest.param("criterion", MISSING, ["criterion: missing"], id="missing-top-level-key"),
     pytest.param("classifier", 5, ["classifier", "must be a mapping", "5"],
                  id="section-not-a-mapping"),
-    pytest.param("setting", "cifar10", ["setting = 'cifar10'", "valid values: cifar100_vgg16, "
-                                        "cifar10_vgg16, digits_mlp, mnist_mlp"],
+    pytest.param("setting", "cifar10", ["setting = 'cifar10'", "valid values: camvid_segnet, "
+                                        "cifar100_vgg16, cifar10_vgg16, digits_mlp, mnist_mlp"],
                  id="unknown-setting"),
     pytest.param("budget", "tiny", ["budget = 'tiny'", "full", "smoke"], id="unknown-budget"),
     pytest.param("data.split_seed", -1, ["data.split_seed = -1", ">= 0"],
