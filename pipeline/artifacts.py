@@ -16,6 +16,9 @@ CLASSIFIER = MODELS / "classifier.pt"
 CONFIDNET = MODELS / "confidnet.pt"
 CONFIDNET_FINETUNED = MODELS / "confidnet_finetuned.pt"
 FEATURES = Path("features")
+# A segmentation's first test images and their labels (void included), for the report's
+# Fig. 5; written by extract_features.
+FIGURE_IMAGES = FEATURES / "figure_images.npz"
 SCORES = Path("scores")
 BASELINE_SCORES = SCORES / "baselines"
 CONFIDNET_SCORES = SCORES / "confidnet.npz"
