@@ -371,8 +371,7 @@ def save_segmentation_figure(folder: Path, images: np.ndarray, labels: np.ndarra
         6 * column_width, rows * column_width * height / width + 1.4))
     titles = ("Input", "Ground truth", "Prediction", "Errors (red)",
               f"{short_label(FINAL)} confidence", "MCP confidence")
-    confidence_map = plt.get_cmap("viridis").copy()
-    confidence_map.set_bad(grey)
+    confidence_map = plt.get_cmap("viridis").with_extremes(bad=grey)
     for row in range(rows):
         void = labels[row] == VOID
         prediction = palette[np.nan_to_num(maps["prediction"][row], nan=VOID).astype(int)]

@@ -112,6 +112,7 @@ def segmentation_data(params: dict[str, Any], evaluation: dict[str, Any],
     return {"test": evaluation["segmentation"], "bootstrap": evaluation["bootstrap"],
             "iou_table": iou_table(evaluation["segmentation"], CLASSES),
             "trustscore_train_pixels": params["baselines"]["trustscore_train_pixels"],
+            "images": int(test_features.valid.shape[0]),
             "figure": figure}
 
 
