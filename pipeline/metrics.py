@@ -334,7 +334,8 @@ class _RankBins:
     def of(cls, confidence: np.ndarray, correct: np.ndarray, group: np.ndarray,
            n_groups: int, resolution: int) -> _RankBins:
         n = confidence.size
-        order = np.argsort(-confidence, kind="stable")
+        # Any order within a tie group does: the whole group lands in one bin.
+        order = np.argsort(-confidence)
         sorted_conf = confidence[order]
         new_tie = np.r_[False, sorted_conf[1:] != sorted_conf[:-1]]
         del sorted_conf
@@ -383,8 +384,10 @@ def _grouped_draws(scores: Mapping[str, np.ndarray], correct: np.ndarray, groups
 
     Cost: one argsort and a few passes over the N samples per method, then
     2 x resamples x G x bins multiply-adds (BLAS) and ``resamples`` metric evaluations on
-    ``bins``-long arrays; memory: a handful of N-long arrays (one method at a time) and
-    two G x bins matrices per method.
+    ``bins``-long arrays; memory: a handful of N-long arrays and two G x bins matrices, one
+    method at a time. Measured at CamVid's test size (233 images, 40.3M pixels, 1,000
+    resamples, one thread; ``benchmarks/grouped_bootstrap.py``): 31 s of CPU per method,
+    about 6 s of it the resamples; 1.4 GiB above the inputs at peak.
     """
     if resolution < 1:
         raise ValueError(f"resolution must be a positive number of rank bins, got {resolution}")
@@ -401,6 +404,7 @@ def _grouped_draws(scores: Mapping[str, np.ndarray], correct: np.ndarray, groups
         for start in range(0, resamples, _GROUPED_BATCH):
             rows += binned.metrics(counts[start:start + _GROUPED_BATCH])
         draws[method] = np.array(rows, dtype=np.float64).reshape(resamples, len(METRIC_NAMES))
+        del binned  # before the next method's are built: one method's bins at a time
     return draws
 
 
