@@ -406,6 +406,6 @@ def save_segmentation_figure(folder: Path, images: np.ndarray, labels: np.ndarra
     plt.close(fig)
     return name, (f"The first {plural(rows, 'test image')} (paper Fig. 5): input, ground "
                   "truth, SegNet's prediction, its errors (red), and the per-pixel confidence "
-                  f"of {confidnet_label} and of MCP on one colour scale (low confidence "
+                  f"of MCP and of {confidnet_label}, on one colour scale (low confidence "
                   "should mark the errors). Void pixels, left out of every metric, are black "
                   "in the label maps and grey in the others.")
