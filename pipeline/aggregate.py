@@ -147,15 +147,29 @@ def aggregate(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:
                     "std": float(values.std(ddof=1)) if values.size > 1 else math.nan,
                     "n": int(values.size),
                 }
-        out.append({
+        group: dict[str, Any] = {
             "params": {k: v for k, v in members[0].params.items() if k != "seed"},
             "seeds": [r.params.get("seed") for r in members],
             "experiments": [r.name for r in members],
             "test_errors": [r.test.get("errors") for r in members],
             "test_sizes": [r.test.get("size") for r in members],
             "methods": summary,
-        })
+        }
+        # A segmentation's own quality (evaluate.json's "segmentation"); classification
+        # groups have no such key.
+        miou = [r.test["segmentation"]["miou"] for r in members if "segmentation" in r.test]
+        if miou:
+            group["miou"] = _stats(np.array(miou, dtype=float))
+        out.append(group)
     return out
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    """{mean, std, n} of the finite ``values``: the sample std, NaN for fewer than two."""
+    values = values[np.isfinite(values)]
+    return {"mean": float(values.mean()) if values.size else math.nan,
+            "std": float(values.std(ddof=1)) if values.size > 1 else math.nan,
+            "n": int(values.size)}
 
 
 def _differing_params(groups: Sequence[Mapping[str, Any]]) -> list[str]:

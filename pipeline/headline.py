@@ -15,6 +15,8 @@ Names are ``test/<what>/<metric>``, the split first:
   ``verdict``, a word: ``better`` (the interval is above 0), ``worse`` (below), ``n.s.``
   (it holds 0), ``n/a`` (undefined).
 - ``test/accuracy`` and ``test/errors``: the classifier's, which every number rests on.
+- ``test/miou``, for a segmentation only: the segmentation's mean IoU (its
+  ``test/accuracy`` and ``test/errors`` count labelled pixels).
 
 Values are fractions, as in every other metrics file; the word is a string (DVC shows it as
 a column; MLflow keeps it as a tag of the same name, its metrics being numbers only). The
@@ -60,6 +62,8 @@ def headline(test: Mapping[str, Any], significance: Mapping[str, Any]) -> dict[s
             out[VERDICT] = comparison(METRICS[COMPARED], paired["ci_low"], paired["ci_high"])
     out[f"{SPLIT}/accuracy"] = float(methods[METHODS[BASELINE]]["accuracy"])
     out[f"{SPLIT}/errors"] = int(test["errors"])
+    if "segmentation" in test:
+        out[f"{SPLIT}/miou"] = float(test["segmentation"]["miou"])
     return out
 
 

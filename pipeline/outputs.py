@@ -4,8 +4,10 @@ penultimate features, logits and labels (``features/``, written once by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +19,17 @@ from pipeline.artifacts import (
     features_path,
 )
 from pipeline.io import atomic_write_npz, load_npz
+
+CLASSIFICATION, SEGMENTATION = "classification", "segmentation"
+TASKS = (CLASSIFICATION, SEGMENTATION)
+
+
+def task_of(params: Mapping[str, Any]) -> str:
+    """The pipeline's task, from params' ``task`` (classification when absent)."""
+    task = str(params.get("task", CLASSIFICATION))
+    if task not in TASKS:
+        raise ValueError(f"task = {task!r}; valid values: {', '.join(TASKS)}")
+    return task
 
 
 @dataclass(frozen=True)

@@ -231,15 +231,17 @@ def render_report(data: Mapping[str, Any]) -> str:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["percent"] = percent
     env.filters["plural"] = plural
-    return env.get_template(REPORT_TEMPLATE).render(data)
+    # A classification report has no segmentation section: callers need not say so.
+    return env.get_template(REPORT_TEMPLATE).render({"segmentation": None, **data})
 
 
 def verdict(test: Mapping[str, Mapping[str, float]], significance: Mapping[str, Any],
-            test_errors: int, labels: Mapping[str, str]) -> str:
+            test_errors: int, labels: Mapping[str, str], noun: str = "error") -> str:
     """The plain-language result on AUPR-Error (the paper's headline metric, Sec. 3.1), from
     the numbers: the fine-tuned ConfidNet against MCP, the paper's baseline, and against the
     best baseline of this run; a side is taken only when the paired-bootstrap 95% interval
-    of the difference excludes zero."""
+    of the difference excludes zero. ``noun`` names an error ("misclassified pixel" for a
+    segmentation)."""
     def against(baseline: str, role: str) -> str:
         m = significance[FINAL][baseline]["aupr_error"]
         word = comparison("aupr_error", m["ci_low"], m["ci_high"])
@@ -254,7 +256,7 @@ def verdict(test: Mapping[str, Mapping[str, float]], significance: Mapping[str, 
         return -math.inf if math.isnan(value) else value
 
     best = max(baselines_of(labels), key=score)
-    sentences = [f"On the test split's {plural(test_errors, 'error')}, {labels[FINAL]} "
+    sentences = [f"On the test split's {plural(test_errors, noun)}, {labels[FINAL]} "
                  f"reaches an AUPR-Error of {percent(test[FINAL]['aupr_error'])}%.",
                  against("mcp", "the paper's baseline")]
     if best == "mcp":
@@ -266,16 +268,18 @@ def verdict(test: Mapping[str, Mapping[str, float]], significance: Mapping[str, 
 
 def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
                  correct: np.ndarray, tcp: np.ndarray,
-                 labels: Mapping[str, str]) -> list[tuple[str, str]]:
+                 labels: Mapping[str, str], max_points: int | None = None,
+                 ) -> list[tuple[str, str]]:
     """Risk-coverage curves (paper Fig. 3) of the paper's methods among ``labels``, and
     MCP / TCP / fine-tuned ConfidNet histograms of correct and wrong predictions (paper
-    Fig. 1). Returns (file name, caption) pairs."""
+    Fig. 1). Returns (file name, caption) pairs. ``max_points`` thins each curve to that
+    many points, evenly spaced in rank (a segmentation's millions of pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.metrics import risk_coverage_curve
+    from pipeline.metrics import risk_coverage_curve, thinned
 
     folder.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -283,9 +287,10 @@ def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for method in (m for m in labels if m in PAPER_METHODS):
         curve = risk_coverage_curve(scores[method]["test"], correct)
+        keep = thinned(curve.coverage.size, max_points)
         style = ":" if method in ORACLES else "-"
-        ax.step(curve.coverage * 100, curve.risk * 100, where="post", linestyle=style,
-                label=labels[method])
+        ax.step(curve.coverage[keep] * 100, curve.risk[keep] * 100, where="post",
+                linestyle=style, label=labels[method])
     ax.set_xlabel("Coverage (%)")
     ax.set_ylabel("Selective risk (%)")
     ax.set_title("Risk-coverage, test split")
@@ -319,3 +324,88 @@ def save_figures(folder: Path, scores: Mapping[str, Mapping[str, np.ndarray]],
                     "Confidence of correct and wrong test predictions (paper Fig. 1), "
                     "each class normalised to unit area."))
     return figures
+
+
+def iou_table(segmentation: Mapping[str, Any], classes: Sequence[str]) -> str:
+    """Per-class IoU of the segmentation (%), one column per class; "n/a" for a class in
+    neither the labels nor the predictions (left out of the mIoU)."""
+    return markdown_table(list(classes), [[percent(v) for v in segmentation["per_class_iou"]]])
+
+
+def pixel_maps(valid: np.ndarray, values: Mapping[str, np.ndarray],
+               images: int) -> dict[str, np.ndarray]:
+    """The first ``images`` images' maps ``(images, H, W)`` of per-pixel ``values`` (one per
+    labelled pixel, images in order, each row-major as ``valid`` selects them); NaN at void
+    pixels."""
+    per_image = valid.reshape(valid.shape[0], -1).sum(axis=1)
+    end = int(per_image[:images].sum())
+    out = {}
+    for name, pixels in values.items():
+        maps = np.full(valid[:images].shape, np.nan)
+        maps[valid[:images]] = pixels[:end]
+        out[name] = maps
+    return out
+
+
+def save_segmentation_figure(folder: Path, images: np.ndarray, labels: np.ndarray,
+                             maps: Mapping[str, np.ndarray], confidnet_label: str,
+                             ) -> tuple[str, str]:
+    """The paper's Fig. 5 for the first test images: input, ground truth, prediction, the
+    prediction's errors, and the confidence maps of ConfidNet and MCP, one image per row;
+    void pixels grey in every map after the ground truth. ``maps`` (see
+    :func:`pixel_maps`) holds ``prediction``, ``correct``, ``confidnet`` and ``mcp``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from pipeline.camvid import CLASSES, PALETTE, VOID
+
+    grey = (0.6, 0.6, 0.6)
+    palette = PALETTE / 255.0
+    rows = images.shape[0]
+    height, width = labels.shape[1:]
+    column_width = 3.0
+    fig, axes = plt.subplots(rows, 6, squeeze=False, figsize=(
+        6 * column_width, rows * column_width * height / width + 1.4))
+    titles = ("Input", "Ground truth", "Prediction", "Errors (red)",
+              f"{short_label(FINAL)} confidence", "MCP confidence")
+    confidence_map = plt.get_cmap("viridis").with_extremes(bad=grey)
+    for row in range(rows):
+        void = labels[row] == VOID
+        prediction = palette[np.nan_to_num(maps["prediction"][row], nan=VOID).astype(int)]
+        prediction[void] = palette[VOID]
+        errors = np.ones((height, width, 3))
+        errors[maps["correct"][row] == 0] = (0.84, 0.15, 0.16)
+        errors[void] = grey
+        panels = [images[row], palette[labels[row]], prediction, errors]
+        for col, panel in enumerate(panels):
+            axes[row, col].imshow(panel, interpolation="nearest")
+        for col, name in ((4, "confidnet"), (5, "mcp")):
+            shown = axes[row, col].imshow(np.ma.masked_invalid(maps[name][row]),
+                                          cmap=confidence_map, vmin=0, vmax=1,
+                                          interpolation="nearest")
+        for col in range(6):
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if row == 0:
+                axes[row, col].set_title(titles[col], fontsize=11)
+        axes[row, 0].set_ylabel(f"test image {row}", fontsize=10)
+    handles = [Patch(color=tuple(palette[k]), label=name) for k, name in enumerate(CLASSES)]
+    handles.append(Patch(color=tuple(palette[VOID]), label="void (left out)"))
+    handles.append(Patch(color=grey, label="void (error, confidence maps)"))
+    fig.legend(handles=handles, loc="lower left", ncol=7, fontsize=9, frameon=False,
+               bbox_to_anchor=(0.01, 0.0))
+    fig.tight_layout(rect=(0, 0.09 if rows < 3 else 0.06, 0.93, 1))
+    bar = fig.add_axes((0.94, 0.25, 0.012, 0.5))
+    fig.colorbar(shown, cax=bar, label="confidence")
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "segmentation_examples.png"
+    fig.savefig(folder / name, dpi=100)
+    plt.close(fig)
+    return name, (f"The first {plural(rows, 'test image')} (paper Fig. 5): input, ground "
+                  "truth, SegNet's prediction, its errors (red), and the per-pixel confidence "
+                  f"of MCP and of {confidnet_label}, on one colour scale (low confidence "
+                  "should mark the errors). Void pixels, left out of every metric, are black "
+                  "in the label maps and grey in the others.")

@@ -162,7 +162,9 @@ def build_blocks(groups: Sequence[Mapping[str, Any]],
                 "test_errors": list(group["test_errors"]),
                 "test_sizes": list(group.get("test_sizes") or []),
                 "accuracy": _classifier_accuracy(group["methods"]),
-                "methods": _methods(group["methods"], row)})
+                "methods": _methods(group["methods"], row),
+                # a segmentation's mIoU; classification blocks have no such key
+                **({"miou": dict(group["miou"])} if "miou" in group else {})})
         # Within a setting, the block with the most seeds (the main run) first, then a
         # stable order whatever order dvc listed the experiments in.
         blocks += sorted(setting_blocks, key=lambda b: (
@@ -193,10 +195,19 @@ def classifier_line(block: Mapping[str, Any]) -> str:
     seeds = block["seeds"]
     accuracy = cell(block["accuracy"]) if block["accuracy"] else "n/a"
     sizes = {s for s in block["test_sizes"] if s is not None}
-    of = f" of {sizes.pop()} test samples" if len(sizes) == 1 else ""
-    line = (f"Classifier test accuracy {accuracy}% over {len(seeds)} "
-            f"seed{'s' if len(seeds) != 1 else ''} ({_join(seeds)}); test errors per seed: "
+    segmentation = "miou" in block
+    samples = "labelled test pixels" if segmentation else "test samples"
+    of = f" of {sizes.pop()} {samples}" if len(sizes) == 1 else ""
+    if segmentation:
+        what, errors = "Segmentation test pixel accuracy", "misclassified test pixels"
+    else:
+        what, errors = "Classifier test accuracy", "test errors"
+    line = (f"{what} {accuracy}% over {len(seeds)} "
+            f"seed{'s' if len(seeds) != 1 else ''} ({_join(seeds)}); {errors} per seed: "
             f"{_join(block['test_errors'])}{of}; experiments: {_join(block['experiments'])}.")
+    if segmentation:
+        line += (f" mIoU {cell(block['miou'])}%; each pixel is a sample of the failure "
+                 "metrics.")
     # The same seed run twice (a queued rerun) counts twice in the mean and std, and a
     # deterministic rerun shrinks the std: say so rather than silently drop one.
     repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)

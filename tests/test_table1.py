@@ -175,6 +175,25 @@ def test_block_states_the_classifier_it_rests_on() -> None:
     assert "more than once" not in text + one
 
 
+def test_a_segmentation_block_states_pixels_and_miou() -> None:
+    results = []
+    for name, seed, miou in (("seg-a", 0, 0.60), ("seg-b", 1, 0.62)):
+        result = _result(name, seed, "camvid_segnet", accuracy=0.88, errors=4000)
+        result.test["segmentation"] = {"miou": miou, "pixel_accuracy": 0.88}
+        result.test["size"] = 33000
+        results.append(result)
+    blocks = _blocks(results, {**PAPER, "camvid_segnet": _paper_row("CamVid SegNet", 60.0)})
+    text = render(blocks)
+    assert ("Segmentation test pixel accuracy 88.00 ± 0.00% over 2 seeds (0, 1); "
+            "misclassified test pixels per seed: 4000, 4000 of 33000 labelled test pixels; "
+            "experiments: seg-a, seg-b. mIoU 61.00 ± 1.41%;") in text
+    assert _row(text, "CamVid SegNet", "ConfidNet")[1] == "50.00 ± 0.00 (63.10)"
+    camvid = next(b for b in to_json(blocks)["blocks"] if b["setting"] == "camvid_segnet")
+    assert camvid["miou"]["mean"] == pytest.approx(0.61)
+    mnist = next(b for b in to_json(blocks)["blocks"] if b["setting"] == "mnist_mlp")
+    assert "miou" not in mnist
+
+
 def test_block_flags_a_seed_run_twice() -> None:
     text = render(_blocks([_result("a", 0, "mnist_mlp"), _result("b", 1, "mnist_mlp"),
                            _result("b2", 1, "mnist_mlp")]))
