@@ -16,12 +16,7 @@ CLASSIFIER = MODELS / "classifier.pt"
 CONFIDNET = MODELS / "confidnet.pt"
 CONFIDNET_FINETUNED = MODELS / "confidnet_finetuned.pt"
 FEATURES = Path("features")
-<<<<<<< HEAD
 # Segmentation only: the first test images and label maps, for the report's Figure 5.
-=======
-# A segmentation's first test images and their labels (void included), for the report's
-# Fig. 5; written by extract_features.
->>>>>>> i12_eval
 FIGURE_IMAGES = FEATURES / "figure_images.npz"
 SCORES = Path("scores")
 BASELINE_SCORES = SCORES / "baselines"
