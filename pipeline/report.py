@@ -360,7 +360,7 @@ def save_segmentation_figure(folder: Path, images: np.ndarray, labels: np.ndarra
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from pipeline.camvid import CLASSES, PALETTE, VOID
+    from pipeline.camvid_labels import CLASSES, PALETTE, VOID
 
     grey = (0.6, 0.6, 0.6)
     palette = PALETTE / 255.0

@@ -23,7 +23,7 @@ from pipeline.artifacts import (
     TEST_METRICS,
     VALIDATION_METRICS,
 )
-from pipeline.camvid import CLASSES
+from pipeline.camvid_labels import CLASSES
 from pipeline.headline import headline, numbers, words
 from pipeline.io import atomic_write_json, atomic_write_text, rows_csv
 from pipeline.methods import CHALLENGERS, ORACLES

@@ -25,10 +25,17 @@ from pipeline.artifacts import (
     TEST_METRICS,
     VALIDATION_METRICS,
 )
-from pipeline.camvid import CLASSES
+from pipeline.camvid_labels import CLASSES
 from pipeline.io import atomic_write_text, load_npz, read_json
 from pipeline.metrics import SEGMENTATION_CURVE_POINTS
-from pipeline.outputs import SEGMENTATION, Features, load_features, load_scores, task_of
+from pipeline.outputs import (
+    SEGMENTATION,
+    Features,
+    PixelFeatures,
+    load_features,
+    load_scores,
+    task_of,
+)
 from pipeline.report import (
     FINAL,
     PHASE1,
@@ -95,7 +102,8 @@ def render(params: dict[str, Any]) -> str:
 
 
 def segmentation_data(params: dict[str, Any], evaluation: dict[str, Any],
-                      scores: dict[str, dict[str, Any]], test_features: Features,
+                      scores: dict[str, dict[str, Any]],
+                      test_features: Features | PixelFeatures,
                       confidnet_label: str) -> dict[str, Any]:
     """What the report adds for a segmentation: mIoU and per-class IoU, the bootstrap's
     unit, TrustScore's training-pixel sample and the paper's Fig. 5 (its ``figure``)."""

@@ -121,8 +121,8 @@ def test_split_json_without_a_field(data: Path) -> None:
 
 def test_unknown_dataset_is_a_data_error_and_a_key_error(data: Path) -> None:
     rewrite_json(data / "split.json", lambda info: info.update(dataset="imagenet"))
-    error = expect_error(data, "split.json", "unknown dataset 'imagenet'; valid: cifar10, "
-                         "cifar100, digits, mnist, svhn")
+    error = expect_error(data, "split.json", "unknown dataset 'imagenet'; valid: camvid, "
+                         "cifar10, cifar100, digits, mnist, svhn")
     assert isinstance(error, KeyError)
 
 
@@ -205,6 +205,8 @@ def stage_project(tmp_path: Path, pristine: Path) -> Path:
     shutil.copytree(pristine, project / "data")
     (project / "params.yaml").write_text(yaml.safe_dump(fast_params()))
     write_conf(project)
+    # the package data the data-loading stages check for (dvc.yaml deps of those stages)
+    shutil.copytree(REPO / "pipeline" / "manifests", project / "pipeline" / "manifests")
     return project
 
 

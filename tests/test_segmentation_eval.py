@@ -17,7 +17,7 @@ from conftest import table_row, table_rows
 from sklearn.metrics import accuracy_score, jaccard_score
 
 from pipeline import metrics as M
-from pipeline.camvid import CLASSES, VOID
+from pipeline.camvid_labels import CLASSES, VOID
 from pipeline.headline import headline
 from pipeline.io import atomic_write_json, atomic_write_npz
 from pipeline.metrics import (

@@ -60,7 +60,8 @@ def test_missing_inputs_names_a_missing_folder_or_what_is_missing_inside(tmp_pat
     assert missing_inputs("evaluate", tmp_path) == []
     # run_stage validates params itself: check_params's output is not required
     assert not (tmp_path / PARAMS_CHECKED).exists()
-    assert missing_inputs("download", tmp_path) == []
+    # the shipped package data is checked for too
+    assert missing_inputs("download", tmp_path) == [artifacts.CAMVID_MANIFEST]
     assert missing_inputs("not_a_stage", tmp_path) == []
 
 
