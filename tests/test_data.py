@@ -143,8 +143,8 @@ def test_split_indices_fractions() -> None:
 
 def test_unknown_dataset_in_split_json(tmp_path: Path) -> None:
     (tmp_path / "split.json").write_text(json.dumps({"dataset": "imagenet"}))
-    with pytest.raises(KeyError, match="unknown dataset 'imagenet'; valid: cifar10, cifar100, "
-                                       "digits, mnist, svhn"):
+    with pytest.raises(KeyError, match="unknown dataset 'imagenet'; valid: camvid, cifar10, "
+                                       "cifar100, digits, mnist, svhn"):
         load_dataset(tmp_path)
 
 

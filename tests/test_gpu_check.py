@@ -29,11 +29,13 @@ def test_gpu_check_smoke_runs_the_whole_script(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
     assert (out / "gpu_check.md").read_text() == text
-    settings = [s for s in preset_names("setting", REPO) if s != "digits_mlp"]
+    # camvid_segnet is listed, skipped with its reason (its loops are not driven yet)
+    settings = [s for s in preset_names("setting", REPO)
+                if s not in ("digits_mlp", "camvid_segnet")]
     for setting in settings:
         row = next(line for line in text.splitlines() if line.startswith(f"| {setting} |"))
         assert "skipped" not in row, row
-    assert "| camvid_segnet |" in text  # measured once it has a preset, else listed skipped
+    assert "| camvid_segnet | fp32 | skipped: segmentation loops not timed" in text
     assert "GPU-hours over the measured settings" in text
     for stage in STAGE_ORDER:
         assert f"  {stage}: " in text

@@ -190,6 +190,8 @@ def small_project(tmp_path: Path, isolated_mlflow: pytest.MonkeyPatch) -> Path:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(fast_params()))
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     write_conf(tmp_path)
+    # package data the data stages check for (their dvc.yaml deps)
+    shutil.copytree(REPO / "pipeline" / "manifests", tmp_path / "pipeline" / "manifests")
     isolated_mlflow.chdir(tmp_path)
     return tmp_path
 
@@ -304,7 +306,7 @@ def test_replay_skips_outputs_of_other_params(small_project: Path,
     lock = {"schema": "2.0", "stages": {"download": {"params": {"params.yaml": {
         "seed": 7, "dataset": "digits", "data": {
             "test_fraction": "3e-1", "val_fraction": 0.1, "split_seed": None, "mirror": "",
-            "checksums": {}}}}}}}
+            "checksums": {}, "image_scale": 1.0, "max_images_per_split": 0}}}}}}
     (small_project / "dvc.lock").write_text(yaml.safe_dump(lock))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{small_project / 'other.db'}"
     assert replay.main(["--stage", "download"]) == 1
