@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 
 import _bench
 import torch
@@ -54,8 +55,8 @@ def without_dropout(classifier: Classifier) -> Classifier:
 
 def main() -> None:
     p = _bench.parser(__doc__.splitlines()[0], repeats=3)
-    p.add_argument("--mlp-inputs", type=int, default=10_000)
-    p.add_argument("--conv-inputs", type=int, default=1_000)
+    p.add_argument("--mlp-inputs", type=int, default=2_000)
+    p.add_argument("--conv-inputs", type=int, default=200)
     args = p.parse_args()
     report = _bench.Report("MC Dropout (50 passes): batched against looped", args)
     torch.manual_seed(0)
@@ -70,8 +71,8 @@ def main() -> None:
     for name, model, n in models:
         x = torch.randn(n, *shape)
         runs: dict[str, Callable[[], object]] = {
-            "batched": lambda m=model, x=x: mc_dropout_probabilities(m, x, samples, batch),
-            "looped": lambda m=model, x=x: looped(m, x, samples, batch, 0)}
+            "batched": partial(mc_dropout_probabilities, model, x, samples, batch),
+            "looped": partial(looped, model, x, samples, batch, 0)}
         t = _bench.interleaved(runs, args.repeats)
         batched, loop = (mc_dropout_probabilities(model, x, samples, batch, seed=0),
                          looped(model, x, samples, batch, 0))

@@ -14,7 +14,7 @@ class and queries it for 2 neighbours (float64), as the authors of TrustScore do
 2. Segmentation scale (1,000,000 training pixels x 64, 11 classes): our time and peak
    memory, in a fresh process (``resource.getrusage`` peak RSS: everything, faiss's C++
    buffers included; ``tracemalloc`` peak: the numpy arrays only). Exact search costs
-   queries x training points x dims, so ``--seg-queries`` (default 100,000) are measured
+   queries x training points x dims, so ``--seg-queries`` (default 20,000) are measured
    and the time for 1,000,000 is projected linearly; ``--seg-queries 1000000`` measures
    it (about 20 minutes on 2 cores). scikit-learn runs at a smaller size
    (``--seg-sklearn``, 100,000 training pixels, 5,000 queries), with both timed there.
@@ -30,6 +30,7 @@ import multiprocessing
 import resource
 import time
 import tracemalloc
+from functools import partial
 from typing import Any
 
 import _bench
@@ -60,7 +61,9 @@ def synthetic(n_train: int, n_queries: int, dims: int, classes: int,
 
 
 def ours(data: dict[str, np.ndarray]) -> np.ndarray:
-    return trust_score(ScoringContext(**data))
+    return trust_score(ScoringContext(
+        logits=data["logits"], labels=data["labels"], features=data["features"],
+        train_features=data["train_features"], train_labels=data["train_labels"]))
 
 
 def kdtree(data: dict[str, np.ndarray]) -> np.ndarray:
@@ -82,8 +85,10 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
-def segmentation_run(n_train: int, n_queries: int, dims: int, classes: int) -> dict[str, Any]:
+def segmentation_run(n_train: int, n_queries: int, dims: int, classes: int,
+                     threads: int | None) -> dict[str, Any]:
     """In a fresh process: seconds and peak memory of ours at this size."""
+    set_threads(threads)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     data = synthetic(n_train, n_queries, dims, classes)
@@ -98,6 +103,13 @@ def segmentation_run(n_train: int, n_queries: int, dims: int, classes: int) -> d
             "finite": bool(np.isfinite(scores).all())}
 
 
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+
+
 def main() -> None:
     p = _bench.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--train", type=int, default=50_000)
@@ -106,22 +118,22 @@ def main() -> None:
     p.add_argument("--sklearn-repeats", type=int, default=1,
                    help="repeats of the (slow) scikit-learn reference (default 1)")
     p.add_argument("--seg-train", type=int, default=1_000_000)
-    p.add_argument("--seg-queries", type=int, default=100_000)
+    p.add_argument("--seg-queries", type=int, default=20_000)
     p.add_argument("--seg-sklearn", type=int, nargs=2, default=(100_000, 5_000),
                    metavar=("TRAIN", "QUERIES"))
     args = p.parse_args()
     if args.quick:
         args.train, args.dims, args.queries = 2_000, 32, 500
         args.seg_train, args.seg_queries, args.seg_sklearn = 20_000, 2_000, (2_000, 200)
+    set_threads(args.threads)
     report = _bench.Report("TrustScore: faiss (ours) against scikit-learn KD-trees", args)
     rows = []
     for label, (n, q, d, k) in {
             "classification": (args.train, args.queries, args.dims, 10),
             "segmentation, scikit-learn's size": (*args.seg_sklearn, 64, 11)}.items():
         data = synthetic(n, q, d, k)
-        t = _bench.interleaved({"ours": lambda data=data: ours(data)}, args.repeats)
-        t.update(_bench.interleaved({"sklearn": lambda data=data: kdtree(data)},
-                                    args.sklearn_repeats))
+        t = _bench.interleaved({"ours": partial(ours, data)}, args.repeats)
+        t.update(_bench.interleaved({"sklearn": partial(kdtree, data)}, args.sklearn_repeats))
         diff = max_rel_diff(ours(data), kdtree(data))
         assert diff <= 1e-5, f"{label}: scores differ by {diff:.2e} relative (> 1e-5)"
         rows.append([label, f"{n:,} x {d}, {k} classes", f"{q:,}", f"{t['ours']:.2f}",
@@ -131,7 +143,8 @@ def main() -> None:
                              "scikit-learn KDTree, s", "speed-up", "max rel diff of scores"],
                             rows))
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        seg = pool.apply(segmentation_run, (args.seg_train, args.seg_queries, 64, 11))
+        seg = pool.apply(segmentation_run, (args.seg_train, args.seg_queries, 64, 11,
+                                                 args.threads))
     assert seg["finite"]
     full = 1_000_000
     projected = seg["seconds"] * full / args.seg_queries
