@@ -116,8 +116,6 @@ def gemm(repeat: int = 8) -> Callable[[], None]:
     return run
 
 
-GEMM_REPEAT_FLOPS = 8 * 2 * GEMM_SIZE**3
-
 
 @dataclass
 class Loop:
@@ -198,8 +196,9 @@ def main() -> None:
     if args.quick and args.settings == list(SETTINGS):
         args.settings = list(QUICK_SETTINGS)
     report = _bench.Report("Epoch times against the arithmetic floor", args)
-    gemm_run = gemm(1 if args.quick else 8)
-    gemm_flops = GEMM_REPEAT_FLOPS // (1 if args.quick else 8)
+    gemm_repeat = 1 if args.quick else 8
+    gemm_run = gemm(gemm_repeat)
+    gemm_flops = gemm_repeat * 2 * GEMM_SIZE**3
     rows = []
     for setting in args.settings:
         model_name = read_yaml(compose([f"setting={setting}"]))["classifier"]["model"]
