@@ -254,7 +254,8 @@ def _write_segmentation(root: Path) -> dict[str, Any]:
         atomic_write_npz(root / f"scores/baselines/{name}.npz", **scores(quality))
     atomic_write_npz(root / "scores/confidnet.npz", **scores(0.6))
     atomic_write_npz(root / "scores/confidnet_finetuned.npz", **scores(0.7))
-    atomic_write_json(root / "metrics/classifier.json", {"best_epoch": 4, "val_accuracy": 0.8})
+    atomic_write_json(root / "metrics/classifier.json", {"best_epoch": 4, "val_accuracy": 0.8,
+                                                          "val_miou": 0.5})
     atomic_write_json(root / "metrics/train_confidnet.json",
                       {"best_epoch": 2, "train_errors": 120, "train_size": 800})
     atomic_write_json(root / "metrics/finetune.json", {
@@ -296,6 +297,7 @@ def test_evaluate_and_report_stages_on_a_segmentation(
         list(percentile_interval(draws[:, j])))
 
     text = report.render(params)
+    assert "epoch 4 kept on validation mean IoU (50.00%; pixel accuracy 80.00%)" in text
     assert "# Failure prediction with ConfidNet: `camvid_segnet`" in text
     assert "misclassified pixels among" in text and "labelled test pixels" in text
     assert "**The bootstrap resamples whole images, not pixels**: each resample draws 5 " \
