@@ -87,6 +87,15 @@ class FeatureDropoutTargets:
         return perturbed, target, correct
 
 
+def frozen_mode(classifier: Classifier, dropout: bool) -> None:
+    """The frozen classifier's mode when it recomputes targets: batch-norm in eval mode,
+    its dropout active with ``dropout`` (the authors' phase 1), else plain eval."""
+    if dropout:
+        enable_mc_dropout(classifier)
+    else:
+        classifier.eval()
+
+
 @dataclass(frozen=True)
 class AugmentedTargets:
     """Targets for a batch of *augmented* training images, as the authors' loaders give
@@ -109,10 +118,7 @@ class AugmentedTargets:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.dropout:
-            enable_mc_dropout(self.classifier)
-        else:
-            self.classifier.eval()
+        frozen_mode(self.classifier, self.dropout)
         augmented = self.augment(images, generator)
         features = self.classifier.encode(augmented)
         target, correct = criterion_targets(self.classifier.classify(features).float(), labels,
@@ -140,10 +146,7 @@ class SegmentationTargets:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.dropout:
-            enable_mc_dropout(self.classifier)
-        else:
-            self.classifier.eval()
+        frozen_mode(self.classifier, self.dropout)
         if self.hflip:
             images, labels = flip_pairs(images, labels, generator)
         features = self.classifier.encode(images)
