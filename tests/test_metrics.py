@@ -577,6 +577,113 @@ def test_bootstrap_intervals_all_correct_gives_nan_bounds_for_undefined_metrics(
     assert intervals["aurc"] == (0.0, 0.0)
 
 
+# ------------------------------------------------- the sample bootstrap, all at once
+
+def _materialised_draws(scores: dict[str, np.ndarray], correct: np.ndarray, resamples: int,
+                        seed: int) -> dict[str, np.ndarray]:
+    """The bootstrap as it reads: per resample, draw n of n with replacement, materialise
+    the resample and score every method on it with ``failure_metrics``."""
+    rng = np.random.default_rng(seed)
+    n = correct.size
+    draws = {m: np.empty((resamples, len(M.METRIC_NAMES))) for m in scores}
+    for i in range(resamples):
+        idx = rng.integers(0, n, n)
+        for method, conf in scores.items():
+            values = failure_metrics(conf[idx], correct[idx])
+            draws[method][i] = [values[name] for name in M.METRIC_NAMES]
+    return draws
+
+
+def _assert_same_draws(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-12)
+
+
+bootstrap_cases = st.integers(min_value=1, max_value=30).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(0, 5), min_size=n, max_size=n),  # few levels: ties everywhere
+        st.lists(st.floats(0, 1, allow_nan=False), min_size=n, max_size=n),
+        st.lists(st.integers(0, 1), min_size=n, max_size=n),
+        st.integers(0, 2**16),
+    )
+)
+
+
+@FAST
+@given(bootstrap_cases)
+def test_sample_bootstrap_equals_scoring_each_materialised_resample(case) -> None:
+    """Same draws, same values (to 1e-12) as scoring every materialised resample, with
+    ties, constant scores, and resamples holding only correct predictions or only errors
+    (a small n makes those frequent)."""
+    levels, floats, correct_list, seed = case
+    correct = np.array(correct_list)
+    scores = {"tied": np.array(levels, float), "real": np.array(floats),
+              "constant": np.zeros(correct.size)}
+    got = M.bootstrap_draws(scores, correct, 25, seed)
+    expected = _materialised_draws(scores, correct, 25, seed)
+    for method in scores:
+        _assert_same_draws(got[method], expected[method])
+
+
+def test_sample_bootstrap_in_batches_is_the_same_bootstrap(monkeypatch) -> None:
+    """Resamples drawn and scored a few at a time give the draws of one batch, and those
+    of the materialised resamples (the draws continue one random stream)."""
+    rng = np.random.default_rng(5)
+    correct = (rng.random(60) < 0.7).astype(int)
+    scores = {"a": rng.integers(0, 8, 60) / 8, "b": rng.random(60)}
+    whole = M.bootstrap_draws(scores, correct, 40, 11)
+    monkeypatch.setattr(M, "_SAMPLE_BATCH", 60 * 7)  # batches of 7 resamples
+    batched = M.bootstrap_draws(scores, correct, 40, 11)
+    expected = _materialised_draws(scores, correct, 40, 11)
+    for method in scores:
+        np.testing.assert_array_equal(batched[method], whole[method])
+        _assert_same_draws(whole[method], expected[method])
+
+
+count_rows = st.integers(min_value=1, max_value=12).flatmap(
+    lambda groups: st.lists(
+        st.tuples(st.lists(st.integers(0, 4), min_size=groups, max_size=groups),
+                  st.lists(st.integers(0, 4), min_size=groups, max_size=groups)),
+        min_size=1, max_size=6))
+
+
+@FAST
+@given(count_rows, st.booleans())
+def test_metrics_from_counts_are_those_of_the_drawn_tie_groups(rows, per_sample) -> None:
+    """Each row's metrics are those of its non-empty tie groups, whatever the empty ones
+    around them (leading, trailing, in between), with either E-AURC."""
+    rows = [(r, w) for r, w in rows if sum(r) + sum(w) > 0]
+    assume(rows)
+    if per_sample:  # the per-sample E-AURC takes rows of one size, as the bootstrap's
+        size = sum(rows[0][0]) + sum(rows[0][1])
+        rows = [(r, w) for r, w in rows if sum(r) + sum(w) == size]
+    right = np.array([r for r, _ in rows], float)
+    wrong = np.array([w for _, w in rows], float)
+    got = M._metrics_from_counts(right, wrong, per_sample_excess=per_sample)
+    for i, (r, w) in enumerate(zip(right, wrong, strict=True)):
+        keep = (r + w) > 0
+        # integer counts, as _TieGroups.of makes them
+        groups = M._TieGroups(r[keep].astype(int), w[keep].astype(int), np.empty(0))
+        values = M._metrics_from_groups(groups, per_sample_excess=per_sample)
+        _assert_same_draws(got[i], np.array([values[name] for name in M.METRIC_NAMES]))
+
+
+def test_the_draws_test_can_fail() -> None:
+    """Another seed's draws, or a metric computed otherwise, do not pass for these."""
+    rng = np.random.default_rng(2)
+    correct = (rng.random(40) < 0.7).astype(int)
+    scores = {"a": rng.random(40)}
+    expected = _materialised_draws(scores, correct, 20, 0)["a"]
+    with pytest.raises(AssertionError):
+        _assert_same_draws(M.bootstrap_draws(scores, correct, 20, 1)["a"], expected)
+    shifted = M.bootstrap_draws(scores, correct, 20, 0)["a"].copy()
+    shifted[:, M.METRIC_NAMES.index("aurc_authors")] += 1e-9
+    with pytest.raises(AssertionError):
+        _assert_same_draws(shifted, expected)
+
+
 def _run(n: int, seed: int, shift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Correctness and two scores: ``a`` separates errors better than ``b`` by ``shift``."""
     rng = np.random.default_rng(seed)
