@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from pipeline.dvcfile import read_yaml  # also imported from here by benchmarks and tests
 from pipeline.errors import ParamsError
+from pipeline.registry import registered_names
 from pipeline.runtime import (
     Precision,
     project_root,  # noqa: F401  (re-exported: it lived here)
@@ -37,14 +38,18 @@ def _registry_attribute(module: str, attribute: str) -> Any:
     """``module.attribute``, imported when validation reads it. On purpose not a static
     import: the registries hold what params may *name*, while config is plumbing every
     stage runs, and must not pull the science modules into every stage (and its ``dvc.yaml``
-    deps). A stage that uses a registry imports it, and its deps list it."""
+    deps). A stage that uses a registry imports it, and its deps list it. The modules read
+    here import torch only where their functions run, so validating costs no torch
+    (``tests/test_stage_imports.py``)."""
     import importlib
 
     return getattr(importlib.import_module(module), attribute)
 
 
 def _registry_names(module: str, attribute: str) -> Callable[[], Sequence[str]]:
-    return lambda: list(_registry_attribute(module, attribute).names())
+    """The names of a registry, read from its module's source where that module would
+    import torch (the models: :func:`pipeline.registry.registered_names`)."""
+    return lambda: registered_names(module, attribute)
 
 
 def _preset_names(group: str) -> Callable[[], Sequence[str]]:

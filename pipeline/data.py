@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline import camvid
 from pipeline.errors import READ_ERRORS, DataError, UnknownDatasetError
@@ -120,6 +119,8 @@ def check_dataset(dataset: Dataset, entry: DatasetEntry, info: dict[str, Any],
     """What every stage relies on, against the registry entry and ``split.json``: float32
     finite inputs of shape ``(N, *input_shape)``, int64 labels in ``[0, num_classes)``,
     and split sizes as ``split.json`` records them."""
+    import torch  # on use: validating params reads DATASETS without torch
+
     info_path, path = folder / "split.json", folder / entry.data_file
     if entry.task == "segmentation":
         check_segmentation(dataset, entry, info, folder)
@@ -158,6 +159,8 @@ def check_segmentation(dataset: Dataset, entry: DatasetEntry, info: dict[str, An
     """:func:`check_dataset` for one class per pixel: float32 finite inputs (N, C, H, W)
     of the shape ``split.json`` records (it depends on ``data.image_scale``), int64 label
     maps (N, H, W) in ``[0, num_classes)`` or the void label, split sizes as recorded."""
+    import torch  # on use: validating params reads DATASETS without torch
+
     info_path, path = folder / "split.json", folder / entry.data_file
     shape = tuple(field(info, info_path, "input_shape"))
     if len(shape) != 3 or shape[0] != entry.input_shape[0]:

@@ -114,12 +114,13 @@ def relaunch(module: str, nproc_per_node: int) -> None:
     os.execv(sys.executable, command)
 
 
-def start(stage: str, device: torch.device, nproc_per_node: int,
+def start(stage: str, device: torch.device | None, nproc_per_node: int,
           distributed: bool) -> Group:
     """Join the process group torchrun describes, if it has more than one process:
     NCCL on CUDA (process ``r`` on GPU ``LOCAL_RANK``), gloo on the CPU. A stage that is
-    not ``distributed`` refuses more than one process. Errors (``RuntimeError``) name the
-    bad value and what would work."""
+    not ``distributed`` refuses more than one process (``device`` is None for a stage
+    without torch, never distributed). Errors (``RuntimeError``) name the bad value and
+    what would work."""
     env = torchrun_env()
     if env is None or env[1] == 1:
         return Group()
@@ -128,6 +129,8 @@ def start(stage: str, device: torch.device, nproc_per_node: int,
         raise RuntimeError(f"stage {stage!r} runs in one process (WORLD_SIZE = {size}); only "
                            "train_classifier, train_confidnet and finetune train on several; "
                            "run it without torchrun")
+    if device is None:
+        raise ValueError(f"stage {stage!r} trains on several processes but names no device")
     import torch
     import torch.distributed as dist
 
@@ -150,7 +153,10 @@ def start(stage: str, device: torch.device, nproc_per_node: int,
 
 
 def stop() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any (there is none before torch.distributed is
+    imported: a stage without torch does not import it here)."""
+    if "torch.distributed" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

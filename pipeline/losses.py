@@ -27,14 +27,16 @@ ranking loss weighs pairs, not samples.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any
 
 from pipeline.registry import Registry
 
-Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a function runs, not here: validating params.yaml reads these
+# registries' names (pipeline.config), and stages that train nothing must not pay for torch.
+Criterion = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
@@ -50,7 +52,7 @@ def normalised_true_class_probability(probs: torch.Tensor, labels: torch.Tensor)
     return true_class_probability(probs, labels) / probs.max(dim=-1).values
 
 
-LossFn = Callable[..., torch.Tensor]
+LossFn = Callable[..., "torch.Tensor"]
 LOSSES: Registry[LossFn] = Registry("loss")
 
 
@@ -59,6 +61,8 @@ ERROR_WEIGHTED_LOSSES = ("mse", "bce")
 
 def _error_weights(correct: torch.Tensor, error_weight: float) -> torch.Tensor:
     """``error_weight`` for the classifier's errors, 1 for its correct predictions."""
+    import torch
+
     return torch.where(correct.bool(), 1.0, error_weight)
 
 
@@ -66,6 +70,9 @@ def _error_weights(correct: torch.Tensor, error_weight: float) -> torch.Tensor:
 def mse_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
              error_weight: float = 1.0, **_: float) -> torch.Tensor:
     """Paper eq. (4); errors' terms multiplied by ``error_weight``."""
+    import torch
+    import torch.nn.functional as F
+
     if error_weight == 1.0:
         return F.mse_loss(torch.sigmoid(logit), target)
     squared = (torch.sigmoid(logit) - target) ** 2
@@ -75,6 +82,9 @@ def mse_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
 @LOSSES.register("bce")
 def bce_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tensor,
              error_weight: float = 1.0, **_: float) -> torch.Tensor:
+    """Binary cross-entropy on 1[correct]; errors' terms multiplied by ``error_weight``."""
+    import torch.nn.functional as F
+
     weight = None if error_weight == 1.0 else _error_weights(correct, error_weight)
     return F.binary_cross_entropy_with_logits(logit, correct.float(), weight=weight)
 
@@ -101,6 +111,8 @@ def ranking_loss(logit: torch.Tensor, target: torch.Tensor, correct: torch.Tenso
     with a 0/1 weight, not by selecting the ordered ones: selecting would make the host
     wait for the device at every batch.
     """
+    import torch.nn.functional as F
+
     ordered = (target.unsqueeze(1) > target.unsqueeze(0)).to(logit.dtype)
     margins = logit.unsqueeze(1) - logit.unsqueeze(0)
     return (F.softplus(-margins) * ordered).sum() / ordered.sum().clamp(min=1.0)

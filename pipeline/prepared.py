@@ -15,13 +15,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from pipeline import io
 from pipeline.errors import READ_ERRORS, DataError
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 
@@ -196,6 +198,8 @@ def load_images(folder: Path, name: str, input_shape: tuple[int, ...],
     ``(N, *input_shape)``. ``stored_shape`` is the shape of one stored image when it
     differs (digits store ``(8, 8)`` for input ``(1, 8, 8)``: a channel axis is added).
     Per-channel or scalar normalisation, ``(x / scale - mean) / std``."""
+    import torch  # on use: validating params reads the datasets' registry without torch
+
     info_path, path = folder / "split.json", folder / "dataset.npz"
     info = read_json(info_path)
     arrays = read_npz(path, ["images", "labels", *(f"{s}_idx" for s in SPLITS)])

@@ -23,26 +23,42 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+def check_device(name: str) -> None:
+    """Raise ``RuntimeError`` when ``name`` (params' ``device``) asks for CUDA and there is
+    none. ``auto`` and ``cpu`` run anywhere: they are passed without importing torch
+    (seconds), which only knows whether CUDA is there."""
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device = {name!r} but CUDA is not available; use auto or cpu")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; an explicit ``cuda`` without one is an error."""
     import torch
 
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device = {name!r} but CUDA is not available; use auto or cpu")
-    return device
+    return torch.device(name)
+
+
+def seed_host(seed: int) -> None:
+    """Seed Python's and numpy's global generators (what a stage without torch uses)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def seed_everything(seed: int, device: torch.device | None = None) -> None:
     """Seed Python, numpy and torch. On CUDA, also ask for deterministic kernels (CPU
     kernels of the ops used here already are; the switch costs ~2 s of imports)."""
-    import numpy as np
     import torch
 
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_host(seed)
     torch.manual_seed(seed)
     if device is not None and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -2,25 +2,24 @@
 exist, track the run in MLflow, record what it logged in ``runs/<stage>.json``. Bad
 params, missing inputs and unusable data stop the stage with exit status 2 and one
 message, no traceback. A training stage runs as several processes under torchrun when
-asked (:mod:`pipeline.distributed`); only process 0 tracks and records the run."""
+asked (:mod:`pipeline.distributed`); only process 0 tracks and records the run. A stage
+that computes with numpy alone (evaluate, report) says so and never imports torch, whose
+import costs seconds of every stage that does."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import pipeline.distributed as ddp
 from pipeline.artifacts import STAGE_ORDER, missing_inputs, producers, run_record_path
 from pipeline.config import load_params
 from pipeline.errors import DataError, ParamsError
 from pipeline.io import atomic_write_json
-from pipeline.runtime import resolve_device, seed_everything
+from pipeline.runtime import check_device, resolve_device, seed_everything, seed_host
 from pipeline.tracking import StageRun, stage_run
-
-if TYPE_CHECKING:
-    import torch
 
 PARAMS = Path("params.yaml")
 StageBody = Callable[[dict[str, Any], StageRun], None]
@@ -37,12 +36,15 @@ RECOVERY = (
     "  or rerun with a valid value: `dvc exp run -S key=value`.")
 
 
-def checked_params() -> tuple[dict[str, Any], torch.device]:
-    """``params.yaml``, validated, and the device it names; else stop with status 2, every
-    problem, and how to get back (:data:`RECOVERY`)."""
+def checked_params(device: bool = True) -> dict[str, Any]:
+    """``params.yaml``, validated, and (``device``) the device it names there to use;
+    else stop with status 2, every problem, and how to get back (:data:`RECOVERY`).
+    Neither imports torch unless params name CUDA (:func:`pipeline.runtime.check_device`)."""
     try:
         params = load_params(PARAMS)
-        return params, resolve_device(params["device"])
+        if device:
+            check_device(params["device"])
+        return params
     except (ParamsError, RuntimeError) as error:
         _stop(f"{error}\n  {RECOVERY}" if PARAMS.is_file() else error)
 
@@ -66,7 +68,8 @@ def missing_inputs_message(stage: str) -> str | None:
     return f"{listed} {'is' if len(missing) == 1 else 'are'} missing; {'; '.join(fixes)}"
 
 
-def run_stage(name: str, body: StageBody, distributed: bool = False) -> None:
+def run_stage(name: str, body: StageBody, distributed: bool = False,
+              uses_torch: bool = True) -> None:
     """Validate ``params.yaml`` and check that the stage's inputs exist (before any work
     and before any MLflow run), seed, run ``body`` inside an MLflow run, then write
     ``runs/<name>.json``: what it logged, which ``python -m pipeline.replay`` replays. Bad
@@ -76,8 +79,15 @@ def run_stage(name: str, body: StageBody, distributed: bool = False) -> None:
     A ``distributed`` (training) stage with ``nproc_per_node`` > 1 starts itself again
     under torchrun; under torchrun it joins the process group, and processes other than 0
     run ``body`` untracked and write no record. Any other stage refuses to run as more
-    than one process."""
-    params, device = checked_params()
+    than one process.
+
+    A stage that does not ``uses_torch`` (numpy only) is given no device: params'
+    ``device`` is neither checked nor resolved, and only Python and numpy are seeded, so
+    torch is never imported."""
+    if distributed and not uses_torch:
+        raise ValueError(f"stage {name!r}: a distributed stage trains, with torch")
+    params = checked_params(device=uses_torch)
+    device = resolve_device(params["device"]) if uses_torch else None
     missing = missing_inputs_message(name)
     if missing:
         _stop(missing)
@@ -87,7 +97,10 @@ def run_stage(name: str, body: StageBody, distributed: bool = False) -> None:
         here = ddp.start(name, device, params["nproc_per_node"], distributed)
     except (ParamsError, RuntimeError) as error:
         _stop(error)
-    seed_everything(params["seed"], device)
+    if uses_torch:
+        seed_everything(params["seed"], device)
+    else:
+        seed_host(params["seed"])
     try:
         if here.main:
             with stage_run(name, params) as run:

@@ -119,4 +119,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", body)
+    run_stage("evaluate", body, uses_torch=False)

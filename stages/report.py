@@ -132,4 +132,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("report", body)
+    run_stage("report", body, uses_torch=False)

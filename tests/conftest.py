@@ -369,3 +369,14 @@ def experiment_output(project: Path, data: Mapping[str, Any], path: str) -> Any:
     import dvc.api
 
     return json.loads(dvc.api.read(path, repo=str(project), rev=data["rev"]))
+
+
+# Runs `python -m MODULE` with any import of torch failing (ImportError): a stage that
+# computes with numpy alone proves it never imports torch (seconds of every stage that does).
+WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; "
+                 "runpy.run_module(sys.argv[1], run_name='__main__', alter_sys=True)")
+
+
+def without_torch(module: str) -> list[str]:
+    """The command that runs ``python -m module`` where ``import torch`` fails."""
+    return [sys.executable, "-c", WITHOUT_TORCH, module]

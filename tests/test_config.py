@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +365,55 @@ def test_unknown_setting_names_the_presets() -> None:
 
     with pytest.raises(HydraException, match="cifar10_vgg16"):
         compose(["setting=cifar10"], root=PARAMS_FILE.parent)
+
+
+# ------------------------------------------- registry names, read without importing
+
+REGISTRIES = [("pipeline.models", "MODELS"), ("pipeline.data", "DATASETS"),
+              ("pipeline.losses", "LOSSES"), ("pipeline.losses", "CRITERIA")]
+
+
+@pytest.mark.parametrize(("module", "registry"), REGISTRIES)
+def test_registry_names_read_from_the_source_are_the_registry_names(
+        module: str, registry: str) -> None:
+    """Validation reads a registry's names from its module's source when it can (the
+    models': importing them imports torch); that reading is the registry's own."""
+    import importlib
+
+    from pipeline.registry import _literal_registrations, registered_names
+
+    live = getattr(importlib.import_module(module), registry).names()
+    literal = _literal_registrations(module, registry)
+    assert literal is None or sorted(literal) == live
+    assert registered_names(module, registry) == live
+    if module == "pipeline.models":
+        assert literal is not None, "the models' names must be readable without torch"
+
+
+def test_registry_names_of_a_computed_registration_come_from_the_module(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name the source does not spell out is never guessed: the module is imported."""
+    (tmp_path / "fake_registry.py").write_text(
+        "from pipeline.registry import Registry\n"
+        "THINGS = Registry('thing')\n"
+        "THINGS.register('literal')(1)\n"
+        "for name in ('a', 'b'):\n"
+        "    THINGS.register(name)(2)\n")
+    (tmp_path / "plain_registry.py").write_text(
+        "from pipeline.registry import Registry\n"
+        "THINGS = Registry('thing')\n"
+        "@THINGS.register('z')\n"
+        "def z() -> None: ...\n"
+        "@THINGS.register('y')\n"
+        "def y() -> None: ...\n"
+        "import sys\n"
+        "sys.stderr.write('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_registry", raising=False)
+    monkeypatch.delitem(sys.modules, "plain_registry", raising=False)
+    from pipeline.registry import _literal_registrations, registered_names
+
+    assert _literal_registrations("fake_registry", "THINGS") is None
+    assert registered_names("fake_registry", "THINGS") == ["a", "b", "literal"]
+    assert registered_names("plain_registry", "THINGS") == ["y", "z"]
+    assert "plain_registry" not in sys.modules  # read, not run

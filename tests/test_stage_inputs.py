@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, fast_params, subprocess_env, write_conf, write_params
+from conftest import (
+    REPO,
+    fast_params,
+    subprocess_env,
+    without_torch,
+    write_conf,
+    write_params,
+)
 
 from pipeline import artifacts
 from pipeline.artifacts import (
@@ -98,8 +105,11 @@ def fresh_clone(tmp_path: Path, **changes: object) -> Path:
     return project
 
 
-def python_module(project: Path, module: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module], cwd=project,
+def python_module(project: Path, module: str, torch: bool = True,
+                  ) -> subprocess.CompletedProcess[str]:
+    """``python -m module`` in ``project``; without ``torch``, any import of torch fails."""
+    command = [sys.executable, "-m", module] if torch else without_torch(module)
+    return subprocess.run(command, cwd=project,
                           env=subprocess_env({"PYTHONPATH": str(REPO)}), capture_output=True,
                           text=True, timeout=300)
 
@@ -146,3 +156,56 @@ def test_dvc_yaml_keeps_check_params_output_when_it_fails() -> None:
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["check_params"]
     assert spec["outs"] == [{PARAMS_CHECKED.as_posix(): {"persist": True}}]
     assert spec["params"] == [{"params.yaml": None}]
+
+
+@pytest.mark.parametrize("stage", ["check_params", "evaluate", "report"])
+def test_stages_that_compute_without_torch_never_import_it(tmp_path: Path, stage: str) -> None:
+    """Validating params.yaml (every registry name and the dataset's task included),
+    checking the device and the inputs, seeding: none of it imports torch, whose import
+    costs seconds of every stage. Run where importing torch fails: check_params passes,
+    evaluate and report reach their missing inputs (they run to the end without torch in
+    test_pipeline_e2e.py)."""
+    project = fresh_clone(tmp_path)
+    proc = python_module(project, f"stages.{stage}", torch=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if stage == "check_params":
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and " missing; make " in proc.stderr
+
+
+def test_check_params_without_torch_reports_every_bad_name(tmp_path: Path) -> None:
+    """The registries' names, the models' among them, are checked without torch."""
+    classifier = {**fast_params()["classifier"], "model": "resnet"}
+    project = fresh_clone(tmp_path, loss="foo", dataset="imagenet", criterion="mcp",
+                          classifier=classifier)
+    proc = python_module(project, "stages.check_params", torch=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(
+        "error: invalid params.yaml:\n"
+        "  dataset = 'imagenet': valid values: camvid, cifar10, cifar100, digits, mnist, svhn\n"
+        "  loss = 'foo': valid values: bce, focal, mse, ranking\n"
+        "  criterion = 'mcp': valid values: tcp, tcp_r\n"
+        "  classifier.model = 'resnet': valid values: mlp, segnet, smallconv_mnist, "
+        "smallconv_svhn, vgg16\n"
+        "  params.yaml now holds the value(s) above"), proc.stderr
+
+
+def test_the_torch_free_check_fails_for_a_stage_that_imports_torch(tmp_path: Path) -> None:
+    proc = python_module(fresh_clone(tmp_path), "stages.train_classifier", torch=False)
+    assert proc.returncode == 1
+    assert "ModuleNotFoundError: import of torch halted" in proc.stderr, proc.stderr
+
+
+def test_check_params_stops_a_device_that_is_not_there(tmp_path: Path) -> None:
+    """CUDA asked for where there is none: stopped by check_params, before any stage."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    proc = python_module(fresh_clone(tmp_path, device="cuda"), "stages.check_params")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(
+        "error: device = 'cuda' but CUDA is not available; use auto or cpu\n"
+        "  params.yaml now holds the value(s) above"), proc.stderr
