@@ -29,4 +29,5 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("download", body)
+    # The datasets are prepared with numpy (torchvision only fetches archives): no device.
+    run_stage("download", body, uses_torch=False)

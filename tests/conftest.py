@@ -373,8 +373,21 @@ def experiment_output(project: Path, data: Mapping[str, Any], path: str) -> Any:
 
 # Runs `python -m MODULE` with any import of torch failing (ImportError): a stage that
 # computes with numpy alone proves it never imports torch (seconds of every stage that does).
-WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; "
-                 "runpy.run_module(sys.argv[1], run_name='__main__', alter_sys=True)")
+# A finder, not `sys.modules["torch"] = None`: libraries that look for torch in sys.modules
+# (scipy's array API helpers) must see it absent, not broken.
+WITHOUT_TORCH = """
+import runpy, sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"import of {name} blocked: this stage must not need torch")
+
+
+sys.meta_path.insert(0, NoTorch())
+runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
+"""
 
 
 def without_torch(module: str) -> list[str]:

@@ -34,6 +34,7 @@ from conftest import (
     git_head,
     run,
     table_row,
+    without_torch,
     write_params,
 )
 
@@ -369,6 +370,21 @@ def test_tracking_uri_override_logs_elsewhere(project: Path, tmp_path: Path) -> 
     [parent] = parents(other)
     assert evaluate.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "test/confidnet/aupr_err" in parent.data.metrics
+
+
+def test_stages_that_compute_without_torch_run_where_torch_cannot_be_imported(
+        project: Path, tmp_path: Path) -> None:
+    """download (of the digits), evaluate and report compute with numpy alone: where any
+    import of torch fails they still run to the end and write the same files."""
+    require_baseline()
+    reset_to_baseline(project)
+    kept = ["data/split.json", "metrics/headline.json", "metrics/intervals.json",
+            "reports/report.md"]
+    before = {path: (project / path).read_bytes() for path in kept}
+    for stage in ("download", "evaluate", "report"):
+        run(project, without_torch(f"stages.{stage}"),
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"})
+    assert {path: (project / path).read_bytes() for path in kept} == before
 
 
 # --- bad params -------------------------------------------------------------------------
