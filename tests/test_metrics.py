@@ -629,17 +629,30 @@ def test_sample_bootstrap_equals_scoring_each_materialised_resample(case) -> Non
 
 def test_sample_bootstrap_in_batches_is_the_same_bootstrap(monkeypatch) -> None:
     """Resamples drawn and scored a few at a time give the draws of one batch, and those
-    of the materialised resamples (the draws continue one random stream)."""
+    of the materialised resamples (the draws continue one random stream); so do counts
+    scored a few rows at a time."""
     rng = np.random.default_rng(5)
     correct = (rng.random(60) < 0.7).astype(int)
     scores = {"a": rng.integers(0, 8, 60) / 8, "b": rng.random(60)}
     whole = M.bootstrap_draws(scores, correct, 40, 11)
-    monkeypatch.setattr(M, "_SAMPLE_BATCH", 60 * 7)  # batches of 7 resamples
+    monkeypatch.setattr(M, "_BATCH", 60 * 7)  # batches of 7 resamples
     batched = M.bootstrap_draws(scores, correct, 40, 11)
     expected = _materialised_draws(scores, correct, 40, 11)
     for method in scores:
         np.testing.assert_array_equal(batched[method], whole[method])
         _assert_same_draws(whole[method], expected[method])
+
+
+def test_metrics_from_counts_a_few_rows_at_a_time_are_the_same(monkeypatch) -> None:
+    rng = np.random.default_rng(9)
+    size = rng.multinomial(40, np.full(30, 1 / 30), size=50)  # 40 samples in every row
+    right = rng.binomial(size, 0.7)
+    whole = [M._metrics_from_counts(right, size - right, per_sample_excess=excess)
+             for excess in (True, False)]
+    monkeypatch.setattr(M, "_BATCH", 30 * 4)  # 4 rows at a time
+    for excess, expected in zip((True, False), whole, strict=True):
+        np.testing.assert_array_equal(
+            M._metrics_from_counts(right, size - right, per_sample_excess=excess), expected)
 
 
 count_rows = st.integers(min_value=1, max_value=12).flatmap(
