@@ -40,7 +40,7 @@ def _registry_attribute(module: str, attribute: str) -> Any:
     stage runs, and must not pull the science modules into every stage (and its ``dvc.yaml``
     deps). A stage that uses a registry imports it, and its deps list it. The modules read
     here import torch only where their functions run, so validating costs no torch
-    (``tests/test_stage_imports.py``)."""
+    (``tests/test_stage_inputs.py``)."""
     import importlib
 
     return getattr(importlib.import_module(module), attribute)
