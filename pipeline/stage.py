@@ -3,8 +3,8 @@ exist, track the run in MLflow, record what it logged in ``runs/<stage>.json``. 
 params, missing inputs and unusable data stop the stage with exit status 2 and one
 message, no traceback. A training stage runs as several processes under torchrun when
 asked (:mod:`pipeline.distributed`); only process 0 tracks and records the run. A stage
-that computes with numpy alone (evaluate, report) says so and never imports torch, whose
-import costs seconds of every stage that does."""
+that computes with numpy alone (download, evaluate, report) says so and never imports torch,
+whose import costs seconds of every stage that does."""
 
 from __future__ import annotations
 
