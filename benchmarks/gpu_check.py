@@ -10,8 +10,12 @@ with an environment that can import the project):
    for kernel selection and allocation) and scaled to the real split sizes. Measured as the
    stages run (deterministic algorithms on CUDA), once per ``--variants`` entry: ``fp32``
    (the default params) and ``bf16-cl`` (``precision: bf16``, ``channels_last: true``).
-   A setting whose dataset or model this project does not have (``camvid_segnet`` before
-   SegNet lands) is listed as skipped.
+   A segmentation setting (``camvid_segnet``) runs its own loops as its stages do: SegNet
+   trained on label maps with void pixels, validated per epoch on mean IoU; phase 1, the
+   per-pixel head over the frozen SegNet's decoder features, recomputed (dropout on, flips)
+   for every batch; fine-tuning through SegNet's encoder copy; validation confidences image
+   by image. Images of the preset's size times ``data.image_scale`` (``--image-scale``).
+   A setting whose dataset or model this project does not have is listed as skipped.
 2. **The projection** of Table 1 in GPU-hours: per setting, the preset's epochs times the
    measured epoch times (classifier, phase 1, fine-tuning), times ``--seeds`` (3). MC
    Dropout, TrustScore and the evaluation are left out (seconds per seed).
@@ -23,9 +27,9 @@ with an environment that can import the project):
    machine has neither; the stages warn and go on). Prints each stage's wall time and the
    headline.
 
-``--smoke`` runs all of it on the CPU in seconds: one batch of 4 samples per loop and the
-smoke budget for the full run (``tests/test_gpu_check.py`` runs it on fake MNIST
-archives).
+``--smoke`` runs all of it on the CPU in seconds: one batch of 4 samples per loop (CamVid's
+images scaled by 0.1, to 36x48) and the smoke budget for the full run
+(``tests/test_gpu_check.py`` runs it on fake MNIST archives).
 
     python benchmarks/gpu_check.py --mirror mnist_archives/
     python benchmarks/gpu_check.py --smoke --mirror folder_of_fake_archives/
@@ -56,12 +60,20 @@ import yaml
 
 from pipeline.artifacts import STAGE_ORDER
 from pipeline.augment import Augmentation
+from pipeline.camvid import scaled_size
 from pipeline.data import DATASETS
-from pipeline.features import AugmentedTargets, FeatureDropoutTargets
+from pipeline.features import AugmentedTargets, FeatureDropoutTargets, SegmentationTargets
 from pipeline.losses import LOSSES, loss_kwargs
-from pipeline.models import MODELS, ConfidNetHead, ConfidNetModel, build_classifier
+from pipeline.models import (
+    MODELS,
+    ConfidNetHead,
+    ConfidNetModel,
+    build_classifier,
+    build_confidnet_head,
+)
 from pipeline.prepared import Split
 from pipeline.runtime import computing, resolve_device, seed_everything
+from pipeline.segmentation import FrozenEncoderHead, pixel_confidences
 from pipeline.settings import compose, preset_names
 from pipeline.training import ConfidenceData, Relabel, fit_confidence, train_classifier
 
@@ -75,6 +87,8 @@ OFFICIAL_SIZES: dict[str, tuple[int, int, int | None]] = {
     "camvid": (367, 233, 101)}
 VARIANTS: dict[str, dict[str, Any]] = {"fp32": {"precision": "fp32", "channels_last": False},
             "bf16-cl": {"precision": "bf16", "channels_last": True}}
+# CamVid's images in smoke mode: 360x480 scaled to 36x48 (SegNet needs 32x32 at least).
+SMOKE_IMAGE_SCALE = 0.1
 # Archives of the MNIST mirror (pipeline.image_datasets' names).
 MNIST_ARCHIVES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                   "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -95,8 +109,10 @@ class Timing:
     extra: dict[str, float] = field(default_factory=dict)
 
     def seed_hours(self) -> float:
-        c, p, f = self.epochs
-        return (c * self.classifier + p * self.phase1 + f * self.finetune) / 3600
+        """Hours of one seed's training loops; a phase of 0 epochs (not measured) adds 0."""
+        return sum(epochs * seconds for epochs, seconds in zip(
+            self.epochs, (self.classifier, self.phase1, self.finetune), strict=True)
+            if epochs) / 3600
 
 
 def synchronize(device: torch.device) -> None:
@@ -121,7 +137,9 @@ def second_epoch_seconds(run: Callable[[Callable[[int, dict[str, float]], None]]
 
 
 def shapes(params: dict[str, Any]) -> tuple[tuple[int, ...], int, int, int]:
-    """(input shape, classes, train size, validation size) of a setting's dataset."""
+    """(input shape, classes, train size, validation size) of a setting's dataset; a
+    segmentation dataset's images scaled by ``data.image_scale`` as its download stage
+    scales them."""
     name = params["dataset"]
     if name not in DATASETS.names() or name not in OFFICIAL_SIZES:
         raise LookupError(f"dataset {name!r} is not in this project")
@@ -130,7 +148,11 @@ def shapes(params: dict[str, Any]) -> tuple[tuple[int, ...], int, int, int]:
     if n_val is None:
         n_val = math.floor(params["data"]["val_fraction"] * n_train)
         n_train -= n_val
-    return tuple(entry.input_shape), entry.num_classes, n_train, n_val
+    shape = tuple(entry.input_shape)
+    if entry.task == "segmentation":
+        channels, height, width = shape
+        shape = (channels, *scaled_size((height, width), float(params["data"]["image_scale"])))
+    return shape, entry.num_classes, n_train, n_val
 
 
 def synthetic(n: int, shape: tuple[int, ...], classes: int, label_shape: tuple[int, ...],
@@ -140,21 +162,40 @@ def synthetic(n: int, shape: tuple[int, ...], classes: int, label_shape: tuple[i
                  torch.randint(0, classes, (n, *label_shape), generator=generator))
 
 
+def label_maps(n: int, shape: tuple[int, ...], classes: int, void: int, seed: int) -> Split:
+    """``n`` images with label maps of ``classes`` classes, about one pixel in
+    ``classes + 1`` void."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n, *shape[1:]), generator=generator)
+    void_pixels = torch.rand(labels.shape, generator=generator) < 1 / (classes + 1)
+    return Split(torch.randn(n, *shape, generator=generator),
+                 labels.masked_fill(void_pixels, void))
+
+
+def run_sizes(cfg_batch: int, batches: int, batch_size: int | None, n_train: int,
+              n_val: int) -> tuple[int, int, int]:
+    """(batch size, training samples, validation samples) actually run: ``batches``
+    batches, the validation set in the real proportion to the training set."""
+    size = batch_size or cfg_batch
+    n = min(n_train, batches * size)
+    return size, n, max(2, round(n * n_val / n_train))
+
+
 def measure(setting: str, variant: str, device: torch.device, batches: int,
-            batch_size: int | None) -> Timing:
-    """Epoch times of ``setting`` under ``variant`` (see the module docstring)."""
+            batch_size: int | None, image_scale: float | None = None) -> Timing:
+    """Epoch times of ``setting`` under ``variant`` (see the module docstring);
+    ``image_scale`` replaces a segmentation preset's ``data.image_scale``."""
     params = yaml.safe_load(compose([f"setting={setting}"], root=REPO))
     cls_cfg, head_cfg, ft_cfg = params["classifier"], params["confidnet"], params["finetune"]
     timing = Timing(setting, variant,
                     epochs=(cls_cfg["epochs"], head_cfg["epochs"], ft_cfg["epochs"]))
-    if params.get("task") == "segmentation":
-        # its phase 1 runs through SegmentationTargets and per-pixel validation, which this
-        # check does not drive yet (README, "gpu_check.sh")
-        timing.skipped = "segmentation loops not timed by this check yet"
-        return timing
     if cls_cfg["model"] not in MODELS.names():
         timing.skipped = f"model {cls_cfg['model']!r} is not in pipeline.models"
         return timing
+    if params.get("task") == "segmentation":
+        if image_scale is not None:
+            params["data"]["image_scale"] = image_scale
+        return measure_segmentation(params, timing, device, batches, batch_size)
     try:
         shape, classes, n_train, n_val = shapes(params)
     except LookupError as error:
@@ -164,10 +205,7 @@ def measure(setting: str, variant: str, device: torch.device, batches: int,
     seed_everything(seed, device)
 
     def sizes(cfg_batch: int) -> tuple[int, int, int]:
-        """(batch size, training samples, validation samples) actually run."""
-        size = batch_size or cfg_batch
-        n = min(n_train, batches * size)
-        return size, n, max(2, round(n * n_val / n_train))
+        return run_sizes(cfg_batch, batches, batch_size, n_train, n_val)
 
     torch.manual_seed(seed)
     model = build_classifier(shape, classes, cls_cfg)
@@ -226,6 +264,77 @@ def measure(setting: str, variant: str, device: torch.device, batches: int,
     timing.finetune = second_epoch_seconds(
         lambda log: fit_confidence(finetuned, ft_train, ft_val, loss, kwargs, 2, ft_cfg["lr"],
                                    size, device, seed, log, "finetune", relabel=ft_relabel),
+        device) * n_train / n
+    return timing
+
+
+def measure_segmentation(params: dict[str, Any], timing: Timing, device: torch.device,
+                         batches: int, batch_size: int | None) -> Timing:
+    """The epoch times of a segmentation setting, its loops called as its stages call
+    them (``stages/train_classifier.py``; ``stages/train_confidnet.py``'s
+    ``segmentation_body``; ``stages/finetune.py``) on synthetic label maps; fine-tuning only
+    when the preset has epochs of it."""
+    cls_cfg, head_cfg, ft_cfg = params["classifier"], params["confidnet"], params["finetune"]
+    shape, classes, n_train, n_val = shapes(params)
+    void = DATASETS[params["dataset"]].void_label
+    assert void is not None, "a segmentation dataset has a void label"
+    seed = params["seed"]
+    seed_everything(seed, device)
+
+    def sizes(cfg_batch: int) -> tuple[int, int, int]:
+        return run_sizes(cfg_batch, batches, batch_size, n_train, n_val)
+
+    def maps(n: int, split_seed: int) -> Split:
+        return label_maps(n, shape, classes, void, split_seed)
+
+    def pixels_correct(split: Split) -> torch.Tensor:
+        """Correctness of each non-void pixel (some errors, so AUPR-Error is defined), as
+        the features of ``extract_features`` list them."""
+        return (torch.arange(int((split.y != void).sum())) % 5 != 0).long()
+
+    torch.manual_seed(seed)
+    model = build_classifier(shape, classes, cls_cfg)
+    augment = Augmentation.from_params(cls_cfg["augmentation"], (0.0,) * shape[0])
+    size, n, n_v = sizes(cls_cfg["batch_size"])
+    train, val = maps(n, 0), maps(n_v, 1)
+    cfg = {**cls_cfg, "epochs": 2, "batch_size": size}
+    timing.classifier = second_epoch_seconds(
+        lambda log: train_classifier(model, train, val, cfg, device, seed, log,
+                                     augment=augment, num_classes=classes, void_label=void),
+        device) * n_train / n
+    model.eval()
+
+    # phase 1: the per-pixel head on the frozen SegNet, its targets recomputed per batch
+    size, n, n_v = sizes(head_cfg["batch_size"])
+    train, val = maps(n, 2), maps(n_v, 3)
+    head = build_confidnet_head(model, head_cfg)
+    relabel = SegmentationTargets(model, params["criterion"], void, hflip=augment.hflip,
+                                  features=True, dropout=head_cfg["features"] == "dropout")
+    timing.phase1_path = f"{head_cfg['features']}, frozen forward, per pixel"
+    scorer = FrozenEncoderHead(model, head)
+    p1_train = ConfidenceData(train.x, torch.empty(0), pixels_correct(train), train.y)
+    p1_val = ConfidenceData(val.x, torch.empty(0), pixels_correct(val))
+    loss, kwargs = LOSSES[params["loss"]], loss_kwargs(params)
+    timing.phase1 = second_epoch_seconds(
+        lambda log: fit_confidence(head, p1_train, p1_val, loss, kwargs, 2, head_cfg["lr"],
+                                   size, device, seed, log, "phase 1", relabel=relabel,
+                                   val_scores=lambda: pixel_confidences(scorer, val, void,
+                                                                        device)),
+        device) * n_train / n
+    if not ft_cfg["epochs"]:
+        return timing
+
+    size, n, n_v = sizes(ft_cfg["batch_size"])
+    train, val = maps(n, 4), maps(n_v, 5)
+    finetuned = ConfidNetModel(model, head)
+    ft_relabel = SegmentationTargets(model, params["criterion"], void, hflip=augment.hflip)
+    ft_train = ConfidenceData(train.x, torch.empty(0), pixels_correct(train), train.y)
+    ft_val = ConfidenceData(val.x, torch.empty(0), pixels_correct(val), val.y)
+    timing.finetune = second_epoch_seconds(
+        lambda log: fit_confidence(finetuned, ft_train, ft_val, loss, kwargs, 2, ft_cfg["lr"],
+                                   size, device, seed, log, "finetune", relabel=ft_relabel,
+                                   val_scores=lambda: pixel_confidences(finetuned, val, void,
+                                                                        device)),
         device) * n_train / n
     return timing
 
@@ -377,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="default: fp32 bf16-cl (smoke: fp32)")
     parser.add_argument("--batches", type=int, default=None,
                         help="batches per timed epoch (default 20; smoke 1)")
+    parser.add_argument("--image-scale", type=float, default=None,
+                        help="segmentation images scaled by this (default: the preset's "
+                        f"data.image_scale; smoke {SMOKE_IMAGE_SCALE})")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting in Table 1")
     parser.add_argument("--keep", type=Path, default=None,
                         help="copy the full run's report and metrics here")
@@ -387,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device or ("cpu" if args.smoke else "auto"))
     batches = args.batches or (1 if args.smoke else 20)
     batch_size = 4 if args.smoke else None
+    image_scale = (args.image_scale if args.image_scale is not None
+                   else SMOKE_IMAGE_SCALE if args.smoke else None)
+    if image_scale is not None and not 0 < image_scale <= 1:
+        parser.error(f"--image-scale {image_scale}: must be in (0, 1]")
     variants = args.variants or (["fp32"] if args.smoke else ["fp32", "bf16-cl"])
     settings = args.settings or [s for s in preset_names("setting", REPO) if s != "digits_mlp"]
     if "camvid_segnet" not in settings and args.settings is None:
@@ -403,7 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rates = matmul_rate(device, args.smoke)
     print("matrix product, TFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
     print(f"\n## Epoch times (synthetic data of the real shapes, {batches} batches per epoch "
-          "timed, scaled to the real split sizes)\n", flush=True)
+          "timed, scaled to the real split sizes"
+          f"{'' if image_scale is None else f'; segmentation images scaled by {image_scale}'})\n",
+          flush=True)
     timings: list[Timing] = []
     for variant in variants:
         for setting in settings:
@@ -412,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             try:
                 with computing(**VARIANTS[variant]):
-                    timings.append(measure(setting, variant, device, batches, batch_size))
+                    timings.append(measure(setting, variant, device, batches, batch_size,
+                                           image_scale))
             except Exception as error:  # noqa: BLE001  one setting's failure is a table row
                 timings.append(Timing(setting, variant,
                                       skipped=f"{type(error).__name__}: {error}"[:200]))

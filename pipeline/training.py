@@ -448,9 +448,10 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                 inputs, target, correct = relabel(inputs, train_labels[idx], draws)
             output = net(inputs)
         output = output.float()
-        if correct.dim() > 1:  # per pixel: void pixels (correct -1) are out of the loss
-            keep = correct >= 0
-            output, target, correct = output[keep], target[keep], correct[keep]
+        if correct.dim() > 1:  # per pixel: void pixels (correct -1) weigh 0 in the loss;
+            # selecting the others instead would sync with the host (a data-dependent size)
+            return loss_fn(output, target, correct.clamp(min=0),
+                           weight=(correct >= 0).to(output.dtype), **loss_kwargs)
         return loss_fn(output, target, correct, **loss_kwargs)
 
     def run_epoch() -> dict[str, float]:

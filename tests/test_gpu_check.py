@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh in its CPU smoke mode: the whole script (epoch times of every
-setting, the Table 1 projection, every stage of the MNIST MLP preset on MNIST archives),
-on fake MNIST archives, in seconds."""
+setting, CamVid's SegNet on tiny synthetic images included, the Table 1 projection, every
+stage of the MNIST MLP preset on MNIST archives), on fake MNIST archives, in seconds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fake_datasets import write_dataset
 
 from pipeline.artifacts import STAGE_ORDER
@@ -29,13 +30,19 @@ def test_gpu_check_smoke_runs_the_whole_script(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
     assert (out / "gpu_check.md").read_text() == text
-    # camvid_segnet is listed, skipped with its reason (its loops are not driven yet)
-    settings = [s for s in preset_names("setting", REPO)
-                if s not in ("digits_mlp", "camvid_segnet")]
+    # every setting but the digits default has figures, CamVid's SegNet included
+    settings = [s for s in preset_names("setting", REPO) if s != "digits_mlp"]
+    assert "camvid_segnet" in settings
     for setting in settings:
         row = next(line for line in text.splitlines() if line.startswith(f"| {setting} |"))
         assert "skipped" not in row, row
-    assert "| camvid_segnet | fp32 | skipped: segmentation loops not timed" in text
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        # classifier, phase 1 (its path in brackets), fine-tuning: seconds per epoch
+        for cell in (cells[2], cells[3].split(" (")[0], cells[4]):
+            assert float(cell) > 0, row
+    camvid = next(line for line in text.splitlines() if line.startswith("| camvid_segnet |"))
+    assert "per pixel" in camvid  # phase 1 through the frozen SegNet, targets per pixel
+    assert "segmentation images scaled by 0.1" in text
     assert "GPU-hours over the measured settings" in text
     for stage in STAGE_ORDER:
         assert f"  {stage}: " in text
@@ -43,6 +50,15 @@ def test_gpu_check_smoke_runs_the_whole_script(tmp_path: Path) -> None:
     assert list(result["full_run"]["seconds"]) == list(STAGE_ORDER)
     assert "test/confidnet/aupr_err" in result["full_run"]["headline"]
     assert {t["setting"] for t in result["timings"] if not t["skipped"]} == set(settings)
+    # the projection sums every setting's seeds x epochs x epoch times, CamVid's included
+    seeds, hours = 3, 0.0
+    for t in result["timings"]:
+        seconds = (t["classifier"], t["phase1"], t["finetune"])
+        assert all(value > 0 for value in seconds), t
+        hours += seeds * sum(e * s for e, s in zip(t["epochs"], seconds, strict=True)) / 3600
+    camvid = next(t for t in result["timings"] if t["setting"] == "camvid_segnet")
+    assert camvid["epochs"] == [500, 500, 20]
+    assert result["table1_gpu_hours"]["fp32"] == pytest.approx(hours)
 
 
 def test_gpu_check_names_what_the_mirror_lacks(tmp_path: Path) -> None:

@@ -19,20 +19,35 @@ import pipeline
 from pipeline import baselines
 from pipeline.augment import Augmentation
 from pipeline.config import ParamsError, validate
-from pipeline.features import AugmentedTargets, confidence_targets, extract
+from pipeline.features import (
+    AugmentedTargets,
+    SegmentationTargets,
+    confidence_targets,
+    extract,
+)
 from pipeline.losses import LOSSES
-from pipeline.models import ConfidNetHead, build_classifier
+from pipeline.models import ConfidNetHead, build_classifier, build_confidnet_head
 from pipeline.prepared import Split
 from pipeline.runtime import PRECISIONS, Compute, compute, compute_params, computing
-from pipeline.training import FitResult, fit_confidence, predict, train_classifier
+from pipeline.segmentation import FrozenEncoderHead, pixel_confidences
+from pipeline.training import (
+    ConfidenceData,
+    FitResult,
+    fit_confidence,
+    predict,
+    train_classifier,
+)
 
 CPU = torch.device("cpu")
 PIPELINE_DIR = str(Path(pipeline.__file__).resolve().parent)
 REPO = Path(__file__).resolve().parents[1]
 
 # Tensor methods that make the host wait for the device (on a GPU): reading a value
-# (item, float(), int(), bool(), tolist) or copying to host memory (cpu, numpy).
-SYNCS = ("item", "cpu", "numpy", "tolist", "__float__", "__int__", "__bool__")
+# (item, float(), int(), bool(), tolist), copying to host memory (cpu, numpy), or making a
+# tensor whose size depends on the values (nonzero, masked_select; indexing by a boolean
+# mask is counted too, as ``[mask]``).
+SYNCS = ("item", "cpu", "numpy", "tolist", "__float__", "__int__", "__bool__", "nonzero",
+         "masked_select")
 
 CLASSIFIER_CFG: dict[str, Any] = {
     "model": "smallconv_svhn", "hidden": 16, "dropout": 0.3, "epochs": 1, "batch_size": 16,
@@ -40,23 +55,42 @@ CLASSIFIER_CFG: dict[str, Any] = {
 AUGMENT = Augmentation(hflip=True, rotate_degrees=10.0, crop_padding=2, pad_value=(0.1, 0.0, -0.1))
 
 
+def _boolean_mask(index: Any) -> bool:
+    """Whether ``tensor[index]`` selects by a boolean mask (a data-dependent size)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(part, torch.Tensor) and part.dtype == torch.bool for part in parts)
+
+
 @pytest.fixture
 def host_syncs(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Counts the calls of :data:`SYNCS` made from the project's own code (``pipeline/``),
-    by call site; torch's internals (the optimisers' step counters) are not counted."""
+    """Counts the calls of :data:`SYNCS` and the boolean-mask selections made from the
+    project's own code (``pipeline/``), by call site; torch's internals (the optimisers'
+    step counters) are not counted."""
     found: Counter[str] = Counter()
+
+    def record(what: str) -> None:
+        caller = sys._getframe(2)
+        if caller.f_code.co_filename.startswith(PIPELINE_DIR):
+            where = Path(caller.f_code.co_filename).name
+            found[f"{where}:{caller.f_lineno} {caller.f_code.co_name} {what}"] += 1
+
     for name in SYNCS:
         original = getattr(torch.Tensor, name)
 
         def counting(self: torch.Tensor, *args: Any, _original: Callable[..., Any] = original,
                      _name: str = name, **kwargs: Any) -> Any:
-            caller = sys._getframe(1)
-            if caller.f_code.co_filename.startswith(PIPELINE_DIR):
-                where = Path(caller.f_code.co_filename).name
-                found[f"{where}:{caller.f_lineno} {caller.f_code.co_name} .{_name}"] += 1
+            record(f".{_name}")
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
+    getitem = torch.Tensor.__getitem__
+
+    def selecting(self: torch.Tensor, index: Any) -> Any:
+        if _boolean_mask(index):
+            record("[mask]")
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", selecting)
     return found
 
 
@@ -103,8 +137,42 @@ def phase1_ranking_run(n: int) -> FitResult:
     return phase1_run(n, loss="ranking")
 
 
-@pytest.mark.parametrize("loop", [classifier_run, phase1_run, phase1_ranking_run],
-                         ids=["classifier", "phase1", "phase1-ranking"])
+SEGNET_CFG: dict[str, Any] = {"model": "segnet", "hidden": 64, "dropout": 0.5}
+VOID = 3  # label maps of 3 classes and void
+
+
+def label_maps(n: int, seed: int) -> Split:
+    """``n`` 3x32x32 images (SegNet's smallest) with label maps of 3 classes, void
+    included."""
+    generator = torch.Generator().manual_seed(seed)
+    return Split(torch.randn(n, 3, 32, 32, generator=generator),
+                 torch.randint(0, VOID + 1, (n, 32, 32), generator=generator))
+
+
+def segmentation_phase1_run(n: int) -> FitResult:
+    """One epoch of phase 1 on a SegNet (stages/train_confidnet.py's segmentation body):
+    the per-pixel head on the frozen SegNet's decoder features, dropout on, flips, targets
+    per pixel, void pixels out of the loss; ``n // 16`` images, one per batch (2 and 8
+    batches, as the other loops), two validation images."""
+    torch.manual_seed(0)
+    classifier = build_classifier((3, 32, 32), VOID, SEGNET_CFG).eval()
+    train, val = label_maps(n // 16, 0), label_maps(2, 1)
+    head = build_confidnet_head(classifier, {})
+    valid = int((val.y != VOID).sum())
+    data = {"train": ConfidenceData(train.x, torch.empty(0), torch.empty(0), train.y),
+            "val": ConfidenceData(val.x, torch.empty(0), (torch.arange(valid) % 3 > 0).long())}
+    relabel = SegmentationTargets(classifier, "tcp", VOID, hflip=True, features=True,
+                                  dropout=True)
+    scorer = FrozenEncoderHead(classifier, head)
+    return fit_confidence(head, data["train"], data["val"], LOSSES["mse"], {}, epochs=1,
+                          lr=1e-3, batch_size=1, device=CPU, seed=0,
+                          log=lambda epoch, row: None, desc="phase 1", relabel=relabel,
+                          val_scores=lambda: pixel_confidences(scorer, val, VOID, CPU))
+
+
+@pytest.mark.parametrize("loop", [classifier_run, phase1_run, phase1_ranking_run,
+                                  segmentation_phase1_run],
+                         ids=["classifier", "phase1", "phase1-ranking", "segmentation-phase1"])
 def test_an_epoch_syncs_with_the_host_as_often_whatever_its_batches(
         loop: Callable[[int], Any], host_syncs: Counter[str]) -> None:
     """A per-batch ``.item()`` (or ``.cpu()``, ``float(tensor)``...) in a loop makes every

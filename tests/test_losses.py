@@ -375,3 +375,68 @@ def test_focal_loss_is_torchvisions_and_equals_the_hand_written_one(alpha: float
     torch.testing.assert_close(
         LOSSES["focal"](float32, target, correct, focal_alpha=alpha, focal_gamma=gamma),
         _focal_by_hand(float32, correct, alpha, gamma), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ per-element weights
+
+
+def _pixels(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of 2 label maps of 6x7 pixels as fit_confidence sees it: logits, targets,
+    correctness (-1 on void pixels, about a fifth) and the non-void mask. Void pixels hold
+    arbitrary logits and targets: the weighted loss must not read them."""
+    gen = torch.Generator().manual_seed(seed)
+    logit = torch.randn(2, 6, 7, generator=gen, dtype=torch.float64) * 3
+    target = torch.rand(2, 6, 7, generator=gen, dtype=torch.float64)
+    correct = (torch.rand(2, 6, 7, generator=gen) < 0.7).long()
+    keep = torch.rand(2, 6, 7, generator=gen) > 0.2
+    return logit, target, correct.masked_fill(~keep, -1), keep
+
+
+LOSS_KWARGS = [{}, {"error_weight": 3.0}, {"focal_alpha": 0.4, "focal_gamma": 2.5}]
+
+
+@pytest.mark.parametrize("kwargs", LOSS_KWARGS, ids=["defaults", "error-weight", "focal"])
+@pytest.mark.parametrize("name", LOSSES.names())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_void_weight_of_zero_equals_leaving_the_void_pixels_out(
+        name: str, kwargs: dict[str, float], dtype: torch.dtype) -> None:
+    """Segmentation's loss (fit_confidence): every pixel, void ones weighing 0 and their
+    correctness clamped to 0, equals the loss of the non-void pixels selected out (what it
+    replaces, which made the host wait for the device at each batch): the value and the
+    gradient, to rounding (exactly in float64 up to summation order)."""
+    for seed in range(3):
+        logit, target, correct, keep = _pixels(seed)
+        logit, target = logit.to(dtype), target.to(dtype)
+        masked_logit = logit.clone().requires_grad_()
+        masked = LOSSES[name](masked_logit[keep], target[keep], correct[keep], **kwargs)
+        masked.backward()
+        weighted_logit = logit.clone().requires_grad_()
+        weighted = LOSSES[name](weighted_logit, target, correct.clamp(min=0),
+                                weight=keep.to(dtype), **kwargs)
+        weighted.backward()
+        tolerance = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {
+            "rtol": 1e-5, "atol": 1e-7}
+        torch.testing.assert_close(weighted, masked, **tolerance)
+        assert masked_logit.grad is not None and weighted_logit.grad is not None
+        torch.testing.assert_close(weighted_logit.grad, masked_logit.grad, **tolerance)
+        # void pixels get no gradient, whatever their logit and target hold
+        assert torch.all(weighted_logit.grad[~keep] == 0)
+        moved = LOSSES[name](logit + 5 * (~keep), target.masked_fill(~keep, 0.9),
+                             correct.clamp(min=0), weight=keep.to(dtype), **kwargs)
+        torch.testing.assert_close(moved, weighted.detach(), **tolerance)
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_a_weight_of_ones_is_the_unweighted_loss_and_all_void_is_zero(name: str) -> None:
+    """Classification passes no weight; a weight of ones gives the same loss. A batch of
+    void pixels only gives 0, still connected to the graph (selection gave NaN)."""
+    logit, target, correct, _ = _pixels(0)
+    correct = correct.clamp(min=0)
+    torch.testing.assert_close(LOSSES[name](logit, target, correct, weight=torch.ones_like(logit)),
+                               LOSSES[name](logit.flatten(), target.flatten(), correct.flatten()),
+                               rtol=1e-12, atol=1e-14)
+    leaf = logit.clone().requires_grad_()
+    nothing = LOSSES[name](leaf, target, correct, weight=torch.zeros_like(logit))
+    assert float(nothing.detach()) == 0.0
+    nothing.backward()
+    assert leaf.grad is not None and torch.all(leaf.grad == 0)
