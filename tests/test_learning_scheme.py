@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -224,17 +225,17 @@ def test_learning_rate_follows_the_milestones() -> None:
     {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},  # as fit_confidence's
 ], ids=["sgd", "adam", "adam_no_decay"])
 def test_optimiser_options_update_bit_for_bit_as_torch_default_loop(
-        cfg: dict[str, float | str]) -> None:
+        cfg: dict[str, Any]) -> None:
     """OPTIMISER_OPTIONS only make the step faster: every update equals, bit for bit, that
     of torch's default per-parameter loop (``foreach=False``) on the CPU."""
     torch.manual_seed(0)
     ours = build_classifier((1, 8, 8), 10, {"model": "mlp", "hidden": 64, "dropout": 0.0})
     theirs = copy.deepcopy(ours)
-    options = {k: v for k, v in cfg.items() if k not in ("optimizer", "momentum")}
-    reference = (torch.optim.Adam(theirs.parameters(), foreach=False, **options)
+    lr, decay = float(cfg["lr"]), float(cfg["weight_decay"])
+    reference = (torch.optim.Adam(theirs.parameters(), lr=lr, weight_decay=decay, foreach=False)
                  if cfg["optimizer"] == "adam" else
-                 torch.optim.SGD(theirs.parameters(), momentum=cfg["momentum"], foreach=False,
-                                 **options))
+                 torch.optim.SGD(theirs.parameters(), lr=lr, momentum=float(cfg["momentum"]),
+                                 weight_decay=decay, foreach=False))
     optimiser = make_optimiser(ours, cfg)
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
