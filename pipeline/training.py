@@ -132,24 +132,14 @@ def segmentation_evaluation(model: nn.Module, split: Split, num_classes: int,
     return {"accuracy": accuracy, "miou": miou, "loss": loss / max(pixels, 1)}
 
 
-# torch.optim's "foreach" implementation: each step is one call per operation for all the
-# parameters, not a Python loop over them. On the CPU it runs the same kernel on each tensor
-# as the default loop, so every update is bit for bit the same
-# (tests/test_learning_scheme.py checks it); the step takes about 10% (Adam) to 30% (SGD
-# with momentum and weight decay) less time. On CUDA it is torch's default already.
-# ``fused=True`` is faster still but rounds differently, so it is not used
-# (benchmarks/README.md, "Where an epoch's time goes").
-OPTIMISER_OPTIONS: dict[str, Any] = {"foreach": True}
-
-
 def make_optimiser(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """``classifier.optimizer``: SGD with momentum (the classification settings) or Adam
     (CamVid's SegNet); both with ``weight_decay``."""
     if cfg.get("optimizer", "sgd") == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg["lr"],
-                                weight_decay=cfg["weight_decay"], **OPTIMISER_OPTIONS)
+                                weight_decay=cfg["weight_decay"])
     return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                           weight_decay=cfg["weight_decay"], **OPTIMISER_OPTIONS)
+                           weight_decay=cfg["weight_decay"])
 
 
 @dataclass
@@ -434,8 +424,7 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                                                                                     device)
     train_target, train_correct = train.target.to(device), train.correct.to(device)
     train_labels = train.labels.to(device) if train.labels is not None else None
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                 **OPTIMISER_OPTIONS)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator, draws = distributed.generators(seed)
     net = distributed.wrap(model, device, static_graph=True)
 

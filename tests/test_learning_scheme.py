@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,13 +21,7 @@ from pipeline.features import (
 )
 from pipeline.losses import LOSSES
 from pipeline.models import Classifier, ConfidNetHead, ConfidNetModel, build_classifier
-from pipeline.training import (
-    ConfidenceData,
-    FitResult,
-    fit_confidence,
-    make_optimiser,
-    train_classifier,
-)
+from pipeline.training import ConfidenceData, FitResult, fit_confidence, train_classifier
 
 CPU = torch.device("cpu")
 SHAPE = (3, 32, 32)
@@ -217,36 +210,6 @@ def test_learning_rate_follows_the_milestones() -> None:
     result = train_classifier(model, data, data, CFG, CPU, seed=0, log=nothing)
     # epochs are 1-based: the rate drops after epoch 2 and after epoch 3
     assert [row["lr"] for row in result.history] == pytest.approx([0.1, 0.1, 0.05, 0.025])
-
-
-@pytest.mark.parametrize("cfg", [
-    {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-    {"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4},
-    {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},  # as fit_confidence's
-], ids=["sgd", "adam", "adam_no_decay"])
-def test_optimiser_options_update_bit_for_bit_as_torch_default_loop(
-        cfg: dict[str, Any]) -> None:
-    """OPTIMISER_OPTIONS only make the step faster: every update equals, bit for bit, that
-    of torch's default per-parameter loop (``foreach=False``) on the CPU."""
-    torch.manual_seed(0)
-    ours = build_classifier((1, 8, 8), 10, {"model": "mlp", "hidden": 64, "dropout": 0.0})
-    theirs = copy.deepcopy(ours)
-    lr, decay = float(cfg["lr"]), float(cfg["weight_decay"])
-    reference = (torch.optim.Adam(theirs.parameters(), lr=lr, weight_decay=decay, foreach=False)
-                 if cfg["optimizer"] == "adam" else
-                 torch.optim.SGD(theirs.parameters(), lr=lr, momentum=float(cfg["momentum"]),
-                                 weight_decay=decay, foreach=False))
-    optimiser = make_optimiser(ours, cfg)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        for mine, other in zip(ours.parameters(), theirs.parameters(), strict=True):
-            mine.grad = torch.randn(mine.shape, generator=g)
-            other.grad = mine.grad.clone()
-        optimiser.step()
-        reference.step()
-    for (name, mine), other in zip(ours.state_dict().items(), theirs.state_dict().values(),
-                                   strict=True):
-        assert torch.equal(mine, other), name
 
 
 class SeenInputs(torch.nn.Module):
