@@ -13,6 +13,8 @@ from conftest import REPO, run, table_rows
 # script -> the first cell of each table row it must print
 EXPECTED = {
     "training_floor.py": ["mnist_mlp", "svhn_smallconv"],
+    "epoch_profile.py": ["classifier (8 of 54,000 images)",
+                         "phase 1, cached features (8 of 54,000 images)"],
     "augment_loader.py": ["hflip, rotate_degrees", "hflip, crop_padding"],
     "mc_dropout.py": ["MLP 784-1000-10", "SmallConvNet (MNIST)"],
     "trustscore.py": ["classification", "segmentation, scikit-learn's size",
