@@ -13,17 +13,26 @@ rerun with the same key (``dvc repro`` after a fix, same commit and params) cont
 The parent is named after the experiment and the params that differ from the baseline
 commit's ``params.yaml`` (``git show HEAD:params.yaml``), e.g. ``prime-sick (loss=focal)``.
 
+Who makes the calls: the stage itself never imports MLflow (about 4 CPU seconds of
+imports and store set-up per stage). :class:`StageRun` starts a tracking process,
+``python -m pipeline.tracking``, and passes it each call as a JSON line; that process logs
+while the stage computes, on another core if there is one: per-step metrics in a batch
+every :attr:`StageRun.FLUSH_SECONDS`, so a long run shows its progress, the rest as it
+comes. :meth:`StageRun.end` waits for it, so the store is complete when the stage exits. A
+stage killed before its end leaves its run KILLED.
+
 Where runs go: ``MLFLOW_TRACKING_URI`` if set (e.g. a team's ``mlflow server``), else a
 SQLite store ``mlflow.db`` at the project root found through ``DVC_ROOT``, so that queued
 experiments, which run in temporary copies, still log to the user's store. Artifacts of
 the default store go to ``mlruns/`` beside it.
 
-Tracking never costs a result: if the store is unreachable or locked, the stage warns and
-finishes; its DVC outputs hold every number, and ``python -m pipeline.replay`` logs them
-later from ``runs/<stage>.json`` (see :meth:`StageRun.record`). That record holds only what
-the stage's inputs determine (no run id, path or time), so it is byte-identical whenever
-the stage reruns on the same inputs; runs are matched to records by the tag
-``replay_key``, a hash of the record.
+Tracking never costs a result: if the store is unreachable or locked, or the tracking
+process dies or says nothing for :attr:`StageRun.QUIET_SECONDS` (it is then stopped), the
+stage warns once and finishes; its DVC outputs hold every number, and
+``python -m pipeline.replay`` logs them later from ``runs/<stage>.json`` (see
+:meth:`StageRun.record`). That record holds only what the stage's inputs determine (no run
+id, path or time), so it is byte-identical whenever the stage reruns on the same inputs;
+runs are matched to records by the tag ``replay_key``, a hash of the record.
 
 Failing fast: MLflow's HTTP client retries a dead server for about four minutes by default
 (7 retries with exponential backoff, 120 s timeout). Stages use 1 retry and a 10 s timeout
@@ -528,18 +537,19 @@ class Companion:
     def _read(self) -> None:
         stdout = self.process.stdout
         assert stdout is not None
-        for line in stdout:
-            self.last_word = time.monotonic()
-            try:
-                answer = json.loads(line)
-            except ValueError:
-                continue
-            if "run_id" in answer:
-                self.run_id, self.parent_id = answer["run_id"], answer["parent_id"]
-            if "failed" in answer and self.failure is None:
-                self.failure = (answer["failed"], answer["error"])
-            if answer.get("done") == "end":
-                self.ended = True
+        with stdout:
+            for line in stdout:
+                self.last_word = time.monotonic()
+                try:
+                    answer = json.loads(line)
+                except ValueError:  # not ours: nothing else should write there
+                    continue
+                if "run_id" in answer:
+                    self.run_id, self.parent_id = answer["run_id"], answer["parent_id"]
+                if "failed" in answer and self.failure is None:
+                    self.failure = (answer["failed"], answer["error"])
+                if answer.get("done") == "end":
+                    self.ended = True
 
     def close(self, quiet_seconds: float) -> tuple[str, str] | None:
         """Let the process finish what it was sent and exit; wait while it keeps
@@ -648,7 +658,7 @@ def serve(inbox: IO[bytes], outbox: IO[str]) -> None:
                 if op == "start":
                     answer(run_id=tracker.run_id, parent_id=tracker.parent_id)
             except Exception as error:  # noqa: BLE001  reported; the stage goes on
-                answer(failed=ACTIONS[op], error=f"{type(error).__name__}: {error}")
+                answer(failed=ACTIONS.get(op, op), error=f"{type(error).__name__}: {error}")
                 working = False
         answer(done=op)
         if op == "end":
