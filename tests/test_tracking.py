@@ -1,9 +1,11 @@
 """MLflow tracking: one parent run per pipeline execution with the stages nested under it,
-and records (``runs/<stage>.json``) without run ids. MLflow failures never cost a result: a
+logged by each stage's tracking process (live, and complete when the stage returns), and
+records (``runs/<stage>.json``) without run ids. MLflow failures never cost a result: a
 stage whose store is unreachable (a closed port) or locked (another connection holds
-``BEGIN EXCLUSIVE``) finishes fast with a warning and complete outputs, and
-``python -m pipeline.replay`` logs those outputs later, into SQLite or a real
-``mlflow server``, matching the DVC outputs and the runs the stages log themselves."""
+``BEGIN EXCLUSIVE``), or whose tracking process dies or falls silent, finishes with a
+warning and complete outputs, and ``python -m pipeline.replay`` logs those outputs later,
+into SQLite or a real ``mlflow server``, matching the DVC outputs and the runs the stages
+log themselves."""
 
 from __future__ import annotations
 
