@@ -358,7 +358,7 @@ class StageRun:
             self._fail("start", error)
             return
         self._send("start", stage=self.stage, experiment=experiment, params=dict(params),
-                   params_text=params_text, context=self.context)
+                   params_text=params_text, context=self.context, source=sys.argv[0])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics (NaN dropped); per-step ones are buffered and sent in batches."""
@@ -587,7 +587,11 @@ class Tracker:
         self.parent_id: str | None = None
 
     def start(self, stage: str, experiment: str, params: Mapping[str, Any],
-              params_text: str, context: Mapping[str, str]) -> None:
+              params_text: str, context: Mapping[str, str], source: str) -> None:
+        """``source``: the stage's ``sys.argv[0]``, from which MLflow takes the run's
+        source tags (``mlflow.source.name``, its git commit and branch), as it did when
+        the stage made the calls itself."""
+        sys.argv[0] = source
         import mlflow
 
         self.stage = stage

@@ -473,7 +473,8 @@ with stage_run("evaluate", yaml.safe_load(Path("params.yaml").read_text())) as r
     Path("note.txt").write_text("hello")
     run.log_artifact("note.txt")
     run.log_table({"method": ["a", "b"], "value": [np.float64(1.0), None]}, "table.json")
-print(json.dumps({"mlflow_imported": "mlflow" in sys.modules, "record": run.record()}))
+print(json.dumps({"mlflow_imported": "mlflow" in sys.modules, "record": run.record(),
+                  "source": sys.argv[0]}))
 """
 
 
@@ -493,6 +494,7 @@ def test_the_stage_logs_through_its_tracking_process(small_project: Path) -> Non
     assert stage.data.metrics == {"loss": 0.125, "best_loss": 0.125, "test/x": 1.5}
     assert stage.data.tags["test/verdict"] == "better"
     assert stage.data.tags["replay_key"] == record_key(result["record"])
+    assert stage.data.tags["mlflow.source.name"] == result["source"]  # the stage's, not ours
     assert {a.path for a in client.list_artifacts(stage.info.run_id)} == {
         "note.txt", "table.json"}
     table = json.loads(Path(client.download_artifacts(stage.info.run_id, "table.json",
