@@ -19,7 +19,8 @@ imports and store set-up per stage). :class:`StageRun` starts a tracking process
 while the stage computes, on another core if there is one: per-step metrics in a batch
 every :attr:`StageRun.FLUSH_SECONDS`, so a long run shows its progress, the rest as it
 comes. :meth:`StageRun.end` waits for it, so the store is complete when the stage exits. A
-stage killed before its end leaves its run KILLED.
+stage killed before its end leaves its run and the parent run KILLED (a rerun continues the
+parent).
 
 Where runs go: ``MLFLOW_TRACKING_URI`` if set (e.g. a team's ``mlflow server``), else a
 SQLite store ``mlflow.db`` at the project root found through ``DVC_ROOT``, so that queued

@@ -522,6 +522,22 @@ def test_a_tracking_process_that_dies_costs_the_stage_nothing(small_project: Pat
     assert stage.record()["steps"] == [[1, "after", 2.0]]
 
 
+def test_a_stage_that_dies_leaves_its_run_killed(small_project: Path) -> None:
+    """The stage's end of the pipe closes without an end (what its death does): the
+    tracking process ends the run KILLED, and the parent run with it."""
+    stage = StageRun("download")
+    stage.start(EXPERIMENT, fast_params())
+    companion = stage._companion
+    assert companion is not None
+    assert companion.close(StageRun.QUIET_SECONDS) == (
+        "end_run", "ChildProcessError: the tracking process exited with status 0 before "
+        "the run ended")
+    uri = f"sqlite:///{small_project / 'mlflow.db'}"
+    [run_] = runs_by_stage(uri)["download"]
+    [parent] = parent_runs(uri)
+    assert (run_.info.status, parent.info.status) == ("KILLED", "KILLED")
+
+
 def test_a_silent_tracking_process_is_stopped(small_project: Path,
                                              isolated_mlflow: pytest.MonkeyPatch) -> None:
     """A server that takes the connection and never answers, with a client that would
