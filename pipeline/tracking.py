@@ -13,17 +13,27 @@ rerun with the same key (``dvc repro`` after a fix, same commit and params) cont
 The parent is named after the experiment and the params that differ from the baseline
 commit's ``params.yaml`` (``git show HEAD:params.yaml``), e.g. ``prime-sick (loss=focal)``.
 
+Who makes the calls: the stage itself never imports MLflow (about 4 CPU seconds of
+imports and store set-up per stage). :class:`StageRun` starts a tracking process,
+``python -m pipeline.tracking``, and passes it each call as a JSON line; that process logs
+while the stage computes, on another core if there is one: per-step metrics in a batch
+every :attr:`StageRun.FLUSH_SECONDS`, so a long run shows its progress, the rest as it
+comes. :meth:`StageRun.end` waits for it, so the store is complete when the stage exits. A
+stage killed before its end leaves its run and the parent run KILLED (a rerun continues the
+parent).
+
 Where runs go: ``MLFLOW_TRACKING_URI`` if set (e.g. a team's ``mlflow server``), else a
 SQLite store ``mlflow.db`` at the project root found through ``DVC_ROOT``, so that queued
 experiments, which run in temporary copies, still log to the user's store. Artifacts of
 the default store go to ``mlruns/`` beside it.
 
-Tracking never costs a result: if the store is unreachable or locked, the stage warns and
-finishes; its DVC outputs hold every number, and ``python -m pipeline.replay`` logs them
-later from ``runs/<stage>.json`` (see :meth:`StageRun.record`). That record holds only what
-the stage's inputs determine (no run id, path or time), so it is byte-identical whenever
-the stage reruns on the same inputs; runs are matched to records by the tag
-``replay_key``, a hash of the record.
+Tracking never costs a result: if the store is unreachable or locked, or the tracking
+process dies or says nothing for :attr:`StageRun.QUIET_SECONDS` (it is then stopped), the
+stage warns once and finishes; its DVC outputs hold every number, and
+``python -m pipeline.replay`` logs them later from ``runs/<stage>.json`` (see
+:meth:`StageRun.record`). That record holds only what the stage's inputs determine (no run
+id, path or time), so it is byte-identical whenever the stage reruns on the same inputs;
+runs are matched to records by the tag ``replay_key``, a hash of the record.
 
 Failing fast: MLflow's HTTP client retries a dead server for about four minutes by default
 (7 retries with exponential backoff, 120 s timeout). Stages use 1 retry and a 10 s timeout
@@ -36,13 +46,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import signal
 import subprocess
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pipeline.artifacts import STAGE_ORDER
 from pipeline.dvcfile import read_yaml
@@ -268,15 +282,23 @@ def record_key(record: Mapping[str, Any]) -> str:
 
 
 class StageRun:
-    """A handle that logs to MLflow while it works and turns into a no-op, with one
-    warning, the first time MLflow fails."""
+    """A handle on one stage's MLflow run. It records what the stage logs (for
+    :meth:`record`) and passes it on to its tracking process (:class:`Companion`), which
+    makes the MLflow calls while the stage works; it turns into a no-op, with one warning,
+    the first time MLflow or that process fails."""
 
     # Per-epoch metrics are sent in batches at most this often: one database round trip
     # per epoch costs more than a small model's epoch on a CPU.
     FLUSH_SECONDS = 10.0
+    # How long :meth:`end` waits for a word from the tracking process (it answers each
+    # message as it is done): longer than any one call takes under the client defaults
+    # (two HTTP tries of 10 s, SQLite's 20 s busy timeout), short enough that a process
+    # stuck for good costs the stage two minutes, not forever.
+    QUIET_SECONDS = 120.0
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
+        # Set by the tracking process once the run exists (None until then, or without it).
         self.run_id: str | None = None
         self.parent_id: str | None = None
         self.context = dvc_context()
@@ -287,67 +309,71 @@ class StageRun:
         self.tags: dict[str, str] = {}
         self.steps: dict[tuple[int, str], float] = {}
         self.parent: dict[str, dict[str, Any]] = {"metrics": {}, "tags": {}}
-        self._mlflow: Any = None
-        self._pending: list[Any] = []
+        self._companion: Companion | None = None
+        self._pending: list[list[Any]] = []  # [name, value, time in ms, step]
         self._last_flush = time.monotonic()
 
-    def _fail(self, action: str, error: Exception) -> None:
+    def _fail(self, action: str, cause: Exception | str) -> None:
+        """Warn once (``cause``: an exception, or ``"Type: message"`` from the tracking
+        process) and stop tracking."""
+        if isinstance(cause, Exception):
+            cause = f"{type(cause).__name__}: {cause}"
         warnings.warn(
-            f"MLflow {action} failed ({type(error).__name__}: {error}); stage "
+            f"MLflow {action} failed ({cause}); stage "
             f"{self.stage!r} goes on without tracking and its DVC outputs keep every "
             f"result. Log them later with `{REPLAY_HINT} --stage {self.stage}` "
             f"(or `{REPLAY_HINT} --only-missing` for every stage) once the store "
             f"({tracking_uri()}) works.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning, stacklevel=4,
         )
-        self._mlflow = None
+        companion, self._companion = self._companion, None
+        if companion is not None:
+            companion.close(self.QUIET_SECONDS)
+
+    def _send(self, op: str, **fields: Any) -> None:
+        """Pass one call on to the tracking process, after warning about any failure it
+        reported since the last call."""
+        companion = self._companion
+        if companion is None:
+            return
+        if companion.failure is not None:
+            self._fail(*companion.failure)
+            return
+        if companion.run_id is not None:
+            self.run_id, self.parent_id = companion.run_id, companion.parent_id
+        try:
+            companion.send({"op": op, **fields})
+        except (TypeError, ValueError) as error:  # not JSON: e.g. a table of objects
+            self._fail(ACTIONS[op], error)
 
     def start(self, experiment: str, params: Mapping[str, Any],
               params_text: str = "") -> None:
         """Start the stage's run, nested under its pipeline's parent run (found or created,
-        see the module docstring); ``params_text`` is ``params.yaml`` as written."""
+        see the module docstring); ``params_text`` is ``params.yaml`` as written. Returns
+        at once: the tracking process imports MLflow and opens the run meanwhile."""
         self.params = flatten(params)
         try:
             client_defaults()
-            import mlflow
-
-            uri = tracking_uri()
-            mlflow.set_tracking_uri(uri)
-            experiment_ = experiment_id(mlflow, experiment, uri)
-            context = {k: v for k, v in self.context.items() if k != "dvc_stage"}
-            self.parent_id, _ = parent_run(
-                mlflow.MlflowClient(), experiment_, pipeline_key(self.context, params_text),
-                name=parent_name(self.context, changed_params(params, baseline_params())),
-                tags=context, params=self.params, uri=uri)
-            run = mlflow.start_run(experiment_id=experiment_,
-                                   run_name=run_name(self.context, self.stage),
-                                   parent_run_id=self.parent_id,
-                                   tags={**self.context, "dvc_stage": self.stage})
-            self.run_id = run.info.run_id
-            self._mlflow = mlflow
-            mlflow.log_params(self.params)
-        except Exception as error:  # noqa: BLE001  tracking never costs a result
+            self._companion = Companion()
+        except OSError as error:
             self._fail("start", error)
+            return
+        self._send("start", stage=self.stage, experiment=experiment, params=dict(params),
+                   params_text=params_text, context=self.context, source=sys.argv[0])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics (NaN dropped); per-step ones are buffered and sent in batches."""
         clean = finite(metrics)
         if step is None:
             self.metrics.update(clean)
-        else:  # a resumed run logs its earlier epochs again: the last value counts
-            self.steps.update({(step, key): value for key, value in clean.items()})
-        if self._mlflow is None:
+            self._send("metrics", metrics=clean)
             return
-        if step is None:
-            try:
-                self._mlflow.log_metrics(clean)
-            except Exception as error:  # noqa: BLE001  tracking never costs a result
-                self._fail("log_metrics", error)
+        # a resumed run logs its earlier epochs again: the last value counts
+        self.steps.update({(step, key): value for key, value in clean.items()})
+        if self._companion is None:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._pending += [Metric(key, value, now, step) for key, value in clean.items()]
+        self._pending += [[key, value, now, step] for key, value in clean.items()]
         if time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
             self.flush()
 
@@ -359,58 +385,38 @@ class StageRun:
         self.tags.update(tags)
         self.parent["metrics"].update(clean)
         self.parent["tags"].update(tags)
-        if self._mlflow is None:
-            return
-        try:
-            self._mlflow.set_tags(dict(tags))
-            log_to_run(self._mlflow.MlflowClient(), self.parent_id, clean, tags)
-        except Exception as error:  # noqa: BLE001  tracking never costs a result
-            self._fail("log_headline", error)
+        self._send("headline", metrics=clean, tags=dict(tags))
 
     def flush(self) -> None:
-        """Send buffered per-step metrics (MLflow takes at most 1,000 per batch)."""
+        """Send buffered per-step metrics."""
         pending, self._pending = self._pending, []
         self._last_flush = time.monotonic()
-        if self._mlflow is None or not pending:
-            return
-        try:
-            client = self._mlflow.MlflowClient()
-            for start in range(0, len(pending), 1000):
-                client.log_batch(self.run_id, metrics=pending[start:start + 1000])
-        except Exception as error:  # noqa: BLE001  tracking never costs a result
-            self._fail("log_batch", error)
+        if pending:
+            self._send("steps", metrics=pending)
 
     def log_artifact(self, path: Path | str) -> None:
-        if self._mlflow is None:
-            return
-        try:
-            self._mlflow.log_artifact(str(path))
-        except Exception as error:  # noqa: BLE001  tracking never costs a result
-            self._fail("log_artifact", error)
+        """Log a file, which must stay in place until :meth:`end`."""
+        self._send("artifact", path=str(Path(path).resolve()))
 
     def log_table(self, data: Mapping[str, list[Any]], artifact_file: str) -> None:
         """A table (column name -> values) as a JSON artifact the MLflow UI shows."""
-        if self._mlflow is None:
-            return
-        try:
-            self._mlflow.log_table(data=dict(data), artifact_file=artifact_file)
-        except Exception as error:  # noqa: BLE001  tracking never costs a result
-            self._fail("log_table", error)
+        self._send("table", data=dict(data), artifact_file=artifact_file)
 
     def end(self, status: str) -> None:
         """End the run; the last stage ends the parent too, and a failure marks it FAILED.
-        A finished run is tagged with its record's ``replay_key``."""
+        A finished run is tagged with its record's ``replay_key``. Returns once the
+        tracking process has logged everything (or failed, or been silent for
+        :attr:`QUIET_SECONDS`), so that the store is complete when the stage exits."""
         self.flush()
-        if self._mlflow is None:
+        self._send("end", status=status,
+                   replay_key=record_key(self.record()) if status == "FINISHED" else None)
+        companion, self._companion = self._companion, None
+        if companion is None:
             return
-        try:
-            if status == "FINISHED":
-                self._mlflow.set_tag(REPLAY_KEY, record_key(self.record()))
-            self._mlflow.end_run(status=status)
-            if self.parent_id and (status != "FINISHED" or self.stage == FINAL_STAGE):
-                self._mlflow.MlflowClient().set_terminated(self.parent_id, status)
-        except Exception as error:  # noqa: BLE001  tracking never costs a result
-            self._fail("end_run", error)
+        problem = companion.close(self.QUIET_SECONDS)
+        self.run_id, self.parent_id = companion.run_id, companion.parent_id
+        if problem is not None:
+            self._fail(*problem)
 
     def record(self) -> dict[str, Any]:
         """What this run logged, for replay: the flattened params, the final metrics and
@@ -467,3 +473,218 @@ def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
         run.end("FAILED")
         raise
     run.end("FINISHED")
+
+
+# --- the tracking process -------------------------------------------------------------------
+
+# The message a StageRun call sends, and the name its failure is reported under (that of
+# the MLflow call it makes).
+ACTIONS = {"start": "start", "metrics": "log_metrics", "steps": "log_batch",
+           "headline": "log_headline", "artifact": "log_artifact", "table": "log_table",
+           "end": "end_run"}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON takes them (``json.dumps(default=...)``)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class Companion:
+    """The stage's end of its tracking process, ``python -m pipeline.tracking``, which
+    imports MLflow and makes the calls while the stage works (see the module docstring).
+
+    Messages go as JSON lines, one per call, on the process's stdin: plain data (names,
+    numbers, paths, tables), so the stage never imports MLflow, and a human can read
+    them. A thread writes them, so that a slow or stuck process never blocks the stage;
+    another reads the answers on its stdout: ``{"done": op}`` per message,
+    ``{"run_id": ..., "parent_id": ...}`` once the run exists, and ``{"failed": action,
+    "error": "Type: message"}`` once, after which the process logs nothing more."""
+
+    def __init__(self) -> None:
+        # The same code as this process: the package this module came from comes first.
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.tracking"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env)
+        self.run_id: str | None = None
+        self.parent_id: str | None = None
+        self.failure: tuple[str, str] | None = None
+        self.ended = False
+        self.last_word = time.monotonic()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, daemon=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        self._outbox.put(json.dumps(message, allow_nan=True, default=_plain).encode() + b"\n")
+
+    def _write(self) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None
+        # OSError: the process is gone, which the reader sees too
+        with suppress(OSError):
+            while (line := self._outbox.get()) is not None:
+                stdin.write(line)
+                stdin.flush()
+        with suppress(OSError):
+            stdin.close()
+
+    def _read(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None
+        with stdout:
+            for line in stdout:
+                self.last_word = time.monotonic()
+                try:
+                    answer = json.loads(line)
+                except ValueError:  # not ours: nothing else should write there
+                    continue
+                if "run_id" in answer:
+                    self.run_id, self.parent_id = answer["run_id"], answer["parent_id"]
+                if "failed" in answer and self.failure is None:
+                    self.failure = (answer["failed"], answer["error"])
+                if answer.get("done") == "end":
+                    self.ended = True
+
+    def close(self, quiet_seconds: float) -> tuple[str, str] | None:
+        """Let the process finish what it was sent and exit; wait while it keeps
+        answering, at most ``quiet_seconds`` of silence (then stop it). Returns the
+        failure to report, if any: its own, or its death or silence."""
+        self._outbox.put(None)
+        heard = time.monotonic()
+        while self._reader.is_alive() and not self.ended:
+            self._reader.join(0.2)
+            heard = max(heard, self.last_word)
+            if time.monotonic() - heard > quiet_seconds:
+                self.process.kill()
+                self.process.wait()
+                return self.failure or ("end_run", f"TimeoutError: the tracking process "
+                                        f"said nothing for {quiet_seconds:.0f} s; stopped it")
+        try:
+            status = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # done, but slow to exit: nothing is lost
+            self.process.kill()
+            status = self.process.wait()
+        if self.failure is not None or self.ended:
+            return self.failure
+        return ("end_run", f"ChildProcessError: the tracking process exited with status "
+                f"{status} before the run ended")
+
+
+class Tracker:
+    """What the tracking process does with each message: the MLflow calls of one stage
+    run (see :class:`StageRun`, whose calls they are)."""
+
+    def __init__(self) -> None:
+        self.mlflow: Any = None
+        self.stage = ""
+        self.run_id: str | None = None
+        self.parent_id: str | None = None
+
+    def start(self, stage: str, experiment: str, params: Mapping[str, Any],
+              params_text: str, context: Mapping[str, str], source: str) -> None:
+        """``source``: the stage's ``sys.argv[0]``, from which MLflow takes the run's
+        source tags (``mlflow.source.name``, its git commit and branch), as it did when
+        the stage made the calls itself."""
+        sys.argv[0] = source
+        import mlflow
+
+        self.stage = stage
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        experiment_ = experiment_id(mlflow, experiment, uri)
+        parent_context = {k: v for k, v in context.items() if k != "dvc_stage"}
+        flat = flatten(params)
+        self.parent_id, _ = parent_run(
+            mlflow.MlflowClient(), experiment_, pipeline_key(context, params_text),
+            name=parent_name(context, changed_params(params, baseline_params())),
+            tags=parent_context, params=flat, uri=uri)
+        run = mlflow.start_run(experiment_id=experiment_, run_name=run_name(context, stage),
+                               parent_run_id=self.parent_id,
+                               tags={**context, "dvc_stage": stage})
+        self.run_id = run.info.run_id
+        self.mlflow = mlflow
+        mlflow.log_params(flat)
+
+    def metrics(self, metrics: Mapping[str, float]) -> None:
+        self.mlflow.log_metrics(dict(metrics))
+
+    def steps(self, metrics: list[list[Any]]) -> None:
+        """Per-step metrics, ``[name, value, time in ms, step]`` (MLflow takes at most
+        1,000 per batch)."""
+        from mlflow.entities import Metric
+
+        entries = [Metric(key, value, timestamp, step) for key, value, timestamp, step in metrics]
+        client = self.mlflow.MlflowClient()
+        for start in range(0, len(entries), 1000):
+            client.log_batch(self.run_id, metrics=entries[start:start + 1000])
+
+    def headline(self, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
+        self.mlflow.set_tags(dict(tags))
+        log_to_run(self.mlflow.MlflowClient(), self.parent_id, metrics, tags)
+
+    def artifact(self, path: str) -> None:
+        self.mlflow.log_artifact(path)
+
+    def table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        self.mlflow.log_table(data=data, artifact_file=artifact_file)
+
+    def end(self, status: str, replay_key: str | None) -> None:
+        if replay_key is not None:
+            self.mlflow.set_tag(REPLAY_KEY, replay_key)
+        self.mlflow.end_run(status=status)
+        if self.parent_id and (status != "FINISHED" or self.stage == FINAL_STAGE):
+            self.mlflow.MlflowClient().set_terminated(self.parent_id, status)
+
+
+def serve(inbox: IO[bytes], outbox: IO[str]) -> None:
+    """The tracking process: do what each message of ``inbox`` asks (a
+    :class:`Tracker` method), answering on ``outbox``, until the run ends. After the first
+    failure it only reads. If the stage dies before ending its run (``inbox`` closes), the
+    run ends KILLED, as a failed stage's would end FAILED."""
+    tracker, working = Tracker(), True
+
+    def answer(**fields: Any) -> None:
+        outbox.write(json.dumps(fields) + "\n")
+        outbox.flush()
+
+    for line in inbox:
+        message = json.loads(line)
+        op = message.pop("op")
+        if working:
+            try:
+                getattr(tracker, op)(**message)
+                if op == "start":
+                    answer(run_id=tracker.run_id, parent_id=tracker.parent_id)
+            except Exception as error:  # noqa: BLE001  reported; the stage goes on
+                answer(failed=ACTIONS.get(op, op), error=f"{type(error).__name__}: {error}")
+                working = False
+        answer(done=op)
+        if op == "end":
+            return
+    if working and tracker.mlflow is not None:
+        with suppress(Exception):
+            tracker.end("KILLED", None)
+
+
+def main() -> None:
+    """``python -m pipeline.tracking``, started by :class:`StageRun`: messages on stdin,
+    answers on stdout. Anything else that writes to stdout (MLflow, a library) goes to
+    stderr instead, with the stage's own messages."""
+    # Ctrl-C reaches the whole process group: the stage ends its run FAILED, which this
+    # process must stay alive to log.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(sys.stdin.buffer, answers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,11 @@
 """MLflow tracking: one parent run per pipeline execution with the stages nested under it,
-and records (``runs/<stage>.json``) without run ids. MLflow failures never cost a result: a
+logged by each stage's tracking process (live, and complete when the stage returns), and
+records (``runs/<stage>.json``) without run ids. MLflow failures never cost a result: a
 stage whose store is unreachable (a closed port) or locked (another connection holds
-``BEGIN EXCLUSIVE``) finishes fast with a warning and complete outputs, and
-``python -m pipeline.replay`` logs those outputs later, into SQLite or a real
-``mlflow server``, matching the DVC outputs and the runs the stages log themselves."""
+``BEGIN EXCLUSIVE``), or whose tracking process dies or falls silent, finishes with a
+warning and complete outputs, and ``python -m pipeline.replay`` logs those outputs later,
+into SQLite or a real ``mlflow server``, matching the DVC outputs and the runs the stages
+log themselves."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,11 +45,13 @@ from pipeline import replay
 from pipeline.stage import run_stage
 from pipeline.tracking import (
     CLIENT_DEFAULTS,
+    StageRun,
     changed_params,
     client_defaults,
     flatten,
     parent_name,
     record_key,
+    stage_run,
 )
 from stages import download
 
@@ -432,6 +437,128 @@ def test_records_are_the_same_bytes_whatever_the_run(
     runs = runs_by_stage(uri)["download"]
     assert len({r.info.run_id for r in runs}) == 2
     assert {r.data.tags["replay_key"] for r in runs} == {record_key(json.loads(texts[0]))}
+
+
+# --- fast: the tracking process ---------------------------------------------------------------
+
+# A stage's tracking, run as a stage runs: its own process, here in a working directory
+# with params.yaml. Step 1 is sent at once and must reach the store while the stage still
+# runs (live progress); steps 2 and 3 wait for end()'s flush.
+LIVE_STAGE = """
+import json, sqlite3, sys, time
+from pathlib import Path
+import numpy as np, yaml
+from pipeline.tracking import stage_run
+
+with stage_run("evaluate", yaml.safe_load(Path("params.yaml").read_text())) as run:
+    run.FLUSH_SECONDS = 0.0
+    run.log_metrics({"loss": 0.5}, step=1)
+    deadline = time.monotonic() + 600  # a bound, not a timing: it is there or not
+    while True:
+        try:
+            store = sqlite3.connect("file:mlflow.db?mode=ro", uri=True)
+            seen = store.execute("select value from metrics where key = 'loss'").fetchall()
+            store.close()
+        except sqlite3.OperationalError:  # no store or no table yet
+            seen = []
+        if seen:
+            break
+        assert time.monotonic() < deadline, "step 1 never reached the store"
+        time.sleep(0.2)
+    run.FLUSH_SECONDS = 1e9
+    run.log_metrics({"loss": 0.25}, step=2)
+    run.log_metrics({"loss": 0.125, "gap": float("nan")}, step=3)
+    run.log_metrics({"best_loss": np.float32(0.125)})
+    run.log_headline({"test/x": 1.5}, {"test/verdict": "better"})
+    Path("note.txt").write_text("hello")
+    run.log_artifact("note.txt")
+    run.log_table({"method": ["a", "b"], "value": [np.float64(1.0), None]}, "table.json")
+print(json.dumps({"mlflow_imported": "mlflow" in sys.modules, "record": run.record(),
+                  "source": sys.argv[0]}))
+"""
+
+
+def test_the_stage_logs_through_its_tracking_process(small_project: Path) -> None:
+    """The stage never imports MLflow; its tracking process logs per-step metrics while
+    the stage runs, and everything else by the time the stage exits."""
+    out = run(small_project, [sys.executable, "-c", LIVE_STAGE],
+              env={"PYTHONPATH": str(REPO)}).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result["mlflow_imported"] is False
+    uri = f"sqlite:///{small_project / 'mlflow.db'}"
+    client = client_for(uri)
+    [stage] = runs_by_stage(uri)["evaluate"]
+    assert stage.info.status == "FINISHED"
+    history = client.get_metric_history(stage.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert stage.data.metrics == {"loss": 0.125, "best_loss": 0.125, "test/x": 1.5}
+    assert stage.data.tags["test/verdict"] == "better"
+    assert stage.data.tags["replay_key"] == record_key(result["record"])
+    assert stage.data.tags["mlflow.source.name"] == result["source"]  # the stage's, not ours
+    assert {a.path for a in client.list_artifacts(stage.info.run_id)} == {
+        "note.txt", "table.json"}
+    table = json.loads(Path(client.download_artifacts(stage.info.run_id, "table.json",
+                                                      str(small_project))).read_text())
+    assert table["data"] == [["a", 1.0], ["b", None]]
+    [parent] = parent_runs(uri)
+    assert parent.info.status == "RUNNING"  # evaluate is not the last stage
+    assert parent.data.metrics == {"test/x": 1.5}
+    assert parent.data.tags["test/verdict"] == "better"
+    assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_a_tracking_process_that_dies_costs_the_stage_nothing(small_project: Path) -> None:
+    died = (r"MLflow end_run failed \(ChildProcessError: the tracking process exited with "
+            r"status -9 before the run ended\); stage 'download' goes on without tracking")
+    with pytest.warns(RuntimeWarning, match=died) as caught, \
+            stage_run("download", fast_params()) as stage:
+        stage.log_metrics({"before": 1.0})
+        companion = stage._companion
+        assert companion is not None
+        companion.process.kill()
+        stage.log_metrics({"after": 2.0}, step=1)
+    assert len([w for w in caught if "MLflow" in str(w.message)]) == 1
+    assert stage.record()["metrics"] == {"before": 1.0}
+    assert stage.record()["steps"] == [[1, "after", 2.0]]
+
+
+def test_a_stage_that_dies_leaves_its_run_killed(small_project: Path) -> None:
+    """The stage's end of the pipe closes without an end (what its death does): the
+    tracking process ends the run KILLED, and the parent run with it."""
+    stage = StageRun("download")
+    stage.start(EXPERIMENT, fast_params())
+    companion = stage._companion
+    assert companion is not None
+    assert companion.close(StageRun.QUIET_SECONDS) == (
+        "end_run", "ChildProcessError: the tracking process exited with status 0 before "
+        "the run ended")
+    uri = f"sqlite:///{small_project / 'mlflow.db'}"
+    [run_] = runs_by_stage(uri)["download"]
+    [parent] = parent_runs(uri)
+    assert (run_.info.status, parent.info.status) == ("KILLED", "KILLED")
+
+
+def test_a_silent_tracking_process_is_stopped(small_project: Path,
+                                             isolated_mlflow: pytest.MonkeyPatch) -> None:
+    """A server that takes the connection and never answers, with a client that would
+    wait an hour: the stage ends once its tracking process has said nothing for
+    QUIET_SECONDS, and stops it."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        isolated_mlflow.setenv("MLFLOW_TRACKING_URI",
+                               f"http://127.0.0.1:{server.getsockname()[1]}")
+        isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3600")
+        isolated_mlflow.setattr(StageRun, "QUIET_SECONDS", 3.0)
+        silent = (r"MLflow end_run failed \(TimeoutError: the tracking process said "
+                  r"nothing for 3 s; stopped it\)")
+        server.settimeout(600)
+        with pytest.warns(RuntimeWarning, match=silent), \
+                stage_run("download", fast_params()) as stage:
+            stage.log_metrics({"size": 3.0})
+            waiting, _ = server.accept()  # the tracking process asks, and gets no answer
+        waiting.close()
+    assert stage.record()["metrics"] == {"size": 3.0}
 
 
 def test_parent_name_lists_the_changed_params() -> None:
