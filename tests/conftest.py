@@ -242,11 +242,12 @@ def toy_dvc_project(dest: Path, params: str, stage: str, stage_params: Sequence[
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One torch thread per pytest-xdist worker: the workers already fill the cores, and
-    idle intra-op threads spinning on a busy machine slow everything down (the stages run
-    in subprocesses get OMP_NUM_THREADS=1 from :func:`subprocess_env`)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """One torch (OpenMP) thread in the test process unless OMP_NUM_THREADS says otherwise:
+    the tensors are tiny, pytest-xdist's workers already fill the cores, and intra-op
+    threads spinning on a busy machine make in-process tests many times slower (the stages
+    run in subprocesses get OMP_NUM_THREADS=1 from :func:`subprocess_env`)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
         import torch
 
         torch.set_num_threads(1)
@@ -255,9 +256,10 @@ def pytest_configure(config: pytest.Config) -> None:
 # The longest modules first (tests/README.md has the figures): pytest-xdist's `--dist
 # loadfile` hands out whole modules in collection order, so a long one that comes last
 # (alphabetically) would run alone at the end while the other workers sit idle.
-LONGEST_FIRST = ("test_settings_e2e.py", "test_pipeline_e2e.py", "test_tracking_server.py",
-                 "test_camvid_e2e.py", "test_determinism.py", "test_scaleout.py",
-                 "test_parallel_experiments.py", "test_fresh_clone.py", "test_tracking.py")
+LONGEST_FIRST = ("test_settings_e2e.py", "test_pipeline_e2e.py", "test_camvid_e2e.py",
+                 "test_tracking_server.py", "test_determinism.py", "test_scaleout.py",
+                 "test_parallel_experiments.py", "test_fresh_clone.py", "test_tracking.py",
+                 "test_camvid.py", "test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
