@@ -123,8 +123,10 @@ def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def run(project: Path, args: Sequence[str], *, check: bool = True,
         env: Mapping[str, str] | None = None,
-        timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` in ``project``; with ``check``, fail the test showing all output."""
+        timeout: float = 2400) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` in ``project``; with ``check``, fail the test showing all output.
+    ``timeout`` is a stall guard, not a timing: a full `dvc repro` of the fast params took
+    over 600 s on two cores shared by pytest-xdist's workers and a load average of 10."""
     proc = subprocess.run(list(args), cwd=project, env=subprocess_env(env), text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:

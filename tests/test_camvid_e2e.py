@@ -42,7 +42,7 @@ def smoke_run(tree: tuple[Path, dict[str, str]],
     values["device"] = "cpu"
     smoke.write_text("# @package _global_\n" + yaml.safe_dump(values, sort_keys=False))
     run(project, ["git", "commit", "-qam", "camvid mirror"])
-    run(project, ["dvc", "exp", "run", *(a for s in SMOKE for a in ("-S", s))], timeout=1200)
+    run(project, ["dvc", "exp", "run", *(a for s in SMOKE for a in ("-S", s))], timeout=3600)
     return project
 
 

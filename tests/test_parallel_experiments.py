@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 OVERRIDES = {"loss=bce": ("loss", "bce"), "loss=focal": ("loss", "focal"),
              "loss=ranking": ("loss", "ranking"), "criterion=tcp_r": ("criterion", "tcp_r")}
 MUST_RUN = ("train_confidnet", "finetune", "evaluate", "report")  # what each override reruns
-TIMEOUT_S = 1200  # a stall guard: other pytest-xdist workers share the cores with this queue
+TIMEOUT_S = 2400  # a stall guard: other pytest-xdist workers share the cores with this queue
 
 
 def test_four_queued_experiments_two_at_a_time(baseline: Baseline, tmp_path: Path) -> None:
