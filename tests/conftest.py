@@ -1,6 +1,14 @@
 """Shared fixtures for the end-to-end tests: a throwaway copy of the project, made a git
 repository of its own, with a fast ``params.yaml`` so a full ``dvc repro`` takes about a
-minute on two cores."""
+minute on two cores.
+
+How the end-to-end tests share their pipeline runs (see tests/README.md): one project is
+reproduced once per test run (:func:`baseline`), whichever pytest-xdist worker asks first
+(:func:`built_once`), and every test that needs a reproduced pipeline starts from it: it
+reads it, or takes a copy (:meth:`Baseline.copy`, with the DVC cache, so nothing is
+recomputed) or a `git clone` (:func:`clone`: no outputs, an empty cache) when it changes
+something.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,8 +123,10 @@ def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def run(project: Path, args: Sequence[str], *, check: bool = True,
         env: Mapping[str, str] | None = None,
-        timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` in ``project``; with ``check``, fail the test showing all output."""
+        timeout: float = 2400) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` in ``project``; with ``check``, fail the test showing all output.
+    ``timeout`` is a stall guard, not a timing: a full `dvc repro` of the fast params took
+    over 600 s on two cores shared by pytest-xdist's workers and a load average of 10."""
     proc = subprocess.run(list(args), cwd=project, env=subprocess_env(env), text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -234,11 +243,126 @@ def toy_dvc_project(dest: Path, params: str, stage: str, stage_params: Sequence[
     return dest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch (OpenMP) thread in the test process unless OMP_NUM_THREADS says otherwise:
+    the tensors are tiny, pytest-xdist's workers already fill the cores, and intra-op
+    threads spinning on a busy machine make in-process tests many times slower (the stages
+    run in subprocesses get OMP_NUM_THREADS=1 from :func:`subprocess_env`)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+# The longest modules first (tests/README.md has the figures): pytest-xdist's `--dist
+# loadfile` hands out whole modules in collection order, so a long one that comes last
+# (alphabetically) would run alone at the end while the other workers sit idle.
+LONGEST_FIRST = ("test_settings_e2e.py", "test_pipeline_e2e.py", "test_camvid_e2e.py",
+                 "test_tracking_server.py", "test_determinism.py", "test_scaleout.py",
+                 "test_parallel_experiments.py", "test_fresh_clone.py", "test_tracking.py",
+                 "test_camvid.py", "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules in LONGEST_FIRST order, then the rest as collected; tests within a module
+    keep their order (test_pipeline_e2e's depend on it)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder that every pytest-xdist worker of this run sees (the parent of the
+    workers' base temporary folders), or this process's base temporary folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """``build(folder)`` once per test run, whichever pytest-xdist worker asks first; the
+    others wait for it (a file lock) and get the same folder and the JSON ``build``
+    returned. A failed build is not retried: each worker that asks fails with its error.
+    The folder is shared: read it, or copy it before changing anything in it (git and DVC
+    commands write even when they only look)."""
+    from filelock import FileLock
+
+    folder = shared_root(tmp_path_factory) / f"shared-{name}"
+    done, failed = folder / "built.json", folder / "failed.txt"
+    with FileLock(f"{folder}.lock"):
+        if not done.exists() and not failed.exists():
+            folder.mkdir()
+            try:
+                info = build(folder)
+            except BaseException as error:
+                failed.write_text(f"{type(error).__name__}: {error}")
+                raise
+            done.write_text(json.dumps(info))
+    if failed.exists():
+        pytest.fail(f"the shared {name!r} fixture failed to build in another test:\n"
+                    f"{failed.read_text()}", pytrace=False)
+    return folder, json.loads(done.read_text())
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A copy of a project (git history, DVC cache, outputs, mlflow.db, mlruns/): a second
+    machine that ran the same commands. The copied MLflow runs' artifacts stay in the
+    source's mlruns/ (their URIs are absolute)."""
+    shutil.copytree(source, dest, symlinks=True)
+    return dest
+
+
+@dataclass
+class Baseline:
+    """The shared project after its first `dvc repro` (tracked to its own mlflow.db),
+    committed, dvc.lock included. Built once per test run (:func:`baseline`); change
+    nothing in ``path``: take a :meth:`copy` or :func:`clone` it."""
+
+    path: Path
+    output: str  # what `dvc repro` printed
+    head: str  # the commit it ran at (before the commit of its results)
+    started: float  # time.time() around the repro
+    finished: float
+    seconds: float
+
+    def copy(self, dest: Path) -> Path:
+        """A copy of the committed, reproduced project (see :func:`copy_project`)."""
+        return copy_project(self.path, dest)
+
+
+def _build_baseline(folder: Path) -> dict[str, Any]:
+    project = make_project(folder / "project")
+    head = git_head(project)
+    started, clock = time.time(), time.monotonic()
+    proc = run(project, ["dvc", "repro"])
+    finished, seconds = time.time(), time.monotonic() - clock
+    run(project, ["git", "add", "-A"])
+    run(project, ["git", "commit", "-q", "-m", "reproduced pipeline"])
+    return {"output": proc.stdout + proc.stderr, "head": head, "started": started,
+            "finished": finished, "seconds": seconds}
+
+
 @pytest.fixture(scope="session")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One temporary project for the whole session: the e2e tests share its expensive
-    `dvc repro` and experiments, in file order."""
-    return make_project(tmp_path_factory.mktemp("e2e") / "project")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+    """The one full `dvc repro` from nothing (fast params) that the end-to-end tests share,
+    committed as a user would; its checks are in test_pipeline_e2e.test_repro_runs_every_stage.
+    Built once per test run, by the first pytest-xdist worker that asks."""
+    folder, info = built_once(tmp_path_factory, "baseline", _build_baseline)
+    return Baseline(path=folder / "project", **info)
+
+
+def clone(source: Path, dest: Path) -> Path:
+    """`git clone` of ``source``: its sources and dvc.lock, no DVC cache, no outputs."""
+    run(source.parent, ["git", "clone", "-q", str(source), str(dest)])
+    for key, value in (("user.name", "e2e tests"), ("user.email", "e2e@example.invalid"),
+                       ("commit.gpgsign", "false")):
+        run(dest, ["git", "config", key, value])
+    assert not (dest / ".dvc" / "cache").exists()
+    outputs = [p for d in ("data", "models", "features", "scores") for p in (dest / d).rglob("*")
+               if p.is_file() and p.name != ".gitignore"]
+    assert not outputs, outputs
+    return dest
 
 
 @pytest.fixture
@@ -270,37 +394,29 @@ class Reproduced:
 
 
 @pytest.fixture(scope="session")
-def twin_projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Reproduced]:
-    """Two fresh projects, same sources and fast params, each reproduced once, side by
-    side: ``tracked`` logs to its own mlflow.db, ``offline`` has MLFLOW_TRACKING_URI at a
-    closed port. test_determinism compares their outputs; test_tracking checks that the
-    offline one finished and replays it."""
+def twin_projects(baseline: Baseline,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Reproduced]:
+    """Two projects with the same sources and fast params, each reproduced once from
+    nothing: ``tracked`` is a copy of the :func:`baseline`, which logged to its own
+    mlflow.db; ``offline`` is a copy of a `git clone` of it (the committed dvc.lock, an
+    empty DVC cache) reproduced with MLFLOW_TRACKING_URI at a closed port, built once per
+    test run. test_determinism compares their outputs, test_fresh_clone checks the clone
+    matches the committed lock, test_tracking checks that the offline one finished and
+    replays it. Each worker has copies of its own, shared by its tests."""
+    def build(folder: Path) -> dict[str, Any]:
+        path = clone(baseline.path, folder / "offline")
+        env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+        started = time.monotonic()
+        proc = run(path, ["dvc", "repro"], env=env)
+        return {"output": proc.stdout + proc.stderr, "seconds": time.monotonic() - started,
+                "env": env}
+
+    folder, info = built_once(tmp_path_factory, "offline", build)
     root = tmp_path_factory.mktemp("twins")
-    envs = {"tracked": {}, "offline": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}}
-    paths = {name: make_project(root / name) for name in envs}
-    started = time.monotonic()
-    procs = {name: subprocess.Popen(["dvc", "repro"], cwd=paths[name],
-                                    env=subprocess_env(envs[name]), text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for name in envs}
-
-    def finish(name: str) -> Reproduced:
-        output, _ = procs[name].communicate(timeout=600)
-        return Reproduced(paths[name], envs[name], output, time.monotonic() - started)
-
-    try:
-        with ThreadPoolExecutor(len(procs)) as pool:
-            twins = dict(zip(procs, pool.map(finish, procs), strict=True))
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for name, proc in procs.items():
-        if proc.returncode != 0:
-            pytest.fail(f"`dvc repro` exited {proc.returncode} in {paths[name]}:\n"
-                        f"{twins[name].output}", pytrace=False)
-    return twins
+    return {"tracked": Reproduced(baseline.copy(root / "tracked"), {}, baseline.output,
+                                  baseline.seconds),
+            "offline": Reproduced(copy_project(folder / "offline", root / "offline"), info["env"],
+                                  info["output"], info["seconds"])}
 
 
 @pytest.fixture

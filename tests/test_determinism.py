@@ -1,8 +1,9 @@
 """Same params and seed, two fresh projects, one `dvc repro` each: byte-identical metrics
 and report on CPU (see README, "Determinism"; GPU runs need tolerances).
 
-The twins (conftest.twin_projects) differ in one way: one tracks to MLflow, the other's
-store is unreachable. So this also shows that tracking never changes a result.
+The twins (conftest.twin_projects: the session's baseline, and a `git clone` of it reproduced
+from an empty cache) differ in one way: one tracks to MLflow, the other's store is
+unreachable. So this also shows that tracking never changes a result.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """A clean dvc.lock, and errors that lose nothing, with real git and DVC.
 
-One temporary project at the smoke budget is reproduced and committed, dvc.lock included.
-Then, in file order:
+The session's reproduced and committed project (conftest.baseline, dvc.lock included) is
+the starting point:
 
-- a `git clone` of it (the git history only: no DVC cache, no outputs) reproduces every
-  stage and leaves `git status --porcelain` empty: every DVC output has the bytes the
-  committed dvc.lock records;
-- a param change reruns only the stages that read it (check_params, whose output never
-  changes, makes nothing else rerun), and a second `dvc repro` does nothing;
+- a `git clone` of it (the git history only: no DVC cache, no outputs; conftest's
+  ``twin_projects["offline"]``) reproduces every stage and leaves `git status --porcelain`
+  empty: every DVC output has the bytes the committed dvc.lock records;
+- in a copy of it, a param change reruns only the stages that read it (check_params, whose
+  output never changes, makes nothing else rerun), and a second `dvc repro` does nothing;
 - `dvc exp run -S loss=foo` stops at check_params with the valid values and how to get
   back, and deletes no output; composing params.yaml again makes it all up to date.
 """
@@ -20,10 +20,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_project, run
+from conftest import Baseline, Reproduced, run
 
 from pipeline.artifacts import STAGE_ORDER, STAGES
-from pipeline.settings import compose
 
 pytestmark = pytest.mark.slow
 
@@ -49,25 +48,17 @@ def outputs(project: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def committed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project whose conf/ defaults to the smoke budget, reproduced and committed."""
-    project = make_project(tmp_path_factory.mktemp("fresh_clone") / "project")
-    config = project / "conf" / "config.yaml"
-    config.write_text(re.sub(r"(?m)^  - budget: \w+$", "  - budget: smoke", config.read_text()))
-    (project / "params.yaml").write_text(compose(root=project))
-    run(project, ["dvc", "repro"])
-    run(project, ["git", "add", "-A"])
-    run(project, ["git", "commit", "-q", "-m", "reproduced at the smoke budget"])
+def committed(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's project, reproduced and committed (at the fast budget)."""
+    project = baseline.copy(tmp_path_factory.mktemp("fresh_clone") / "project")
     assert run(project, ["git", "status", "--porcelain"]).stdout == ""
     return project
 
 
-def test_fresh_clone_reproduces_the_committed_lock(committed: Path, tmp_path: Path) -> None:
-    clone = tmp_path / "clone"
-    run(tmp_path, ["git", "clone", "-q", str(committed), str(clone)])
-    assert not (clone / ".dvc" / "cache").exists() and not outputs(clone)
-
-    ran = RUNNING.findall(output_of(run(clone, ["dvc", "repro"])))
+def test_fresh_clone_reproduces_the_committed_lock(
+        committed: Path, twin_projects: dict[str, Reproduced]) -> None:
+    clone = twin_projects["offline"].path  # cloned with no cache and no outputs (conftest)
+    ran = RUNNING.findall(twin_projects["offline"].output)
     assert sorted(ran) == sorted(STAGE_ORDER), ran
 
     status = run(clone, ["git", "status", "--porcelain"]).stdout

@@ -1,9 +1,10 @@
 """End to end: the real DVC pipeline, its experiments and its MLflow records, in a
 temporary copy of the project with fast params (see conftest.py).
 
-The tests share one project and run in file order: the full `dvc repro` happens once, the
-experiments start from its committed result, and the MLflow checks read what every earlier
-command logged. Each DVC command is recorded in ``LEDGER`` (stages run, experiment name,
+The tests share one project and run in file order: the full `dvc repro` happens once (the
+session's :func:`conftest.baseline`, which other modules copy or clone), the experiments
+start from its committed result, and the MLflow checks read what every earlier command
+logged. Each DVC command is recorded in ``LEDGER`` (stages run, experiment name,
 git HEAD, time window, metrics/evaluate.json afterwards) for the later tests to check.
 """
 
@@ -29,6 +30,7 @@ from conftest import (
     FAST_OVERRIDES,
     REPO,
     STAGES,
+    Baseline,
     experiments_shown,
     fast_params,
     git_head,
@@ -152,8 +154,20 @@ def assert_complete_evaluation(project: Path) -> dict[str, Any]:
 # --- the pipeline -----------------------------------------------------------------------
 
 
-def test_repro_runs_every_stage(project: Path) -> None:
-    dvc(project, "repro", ["dvc", "repro"])
+@pytest.fixture(scope="module")
+def project(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's copy of the session's reproduced project: its experiments change it,
+    in file order (pytest-xdist's `--dist loadfile` keeps a module in one worker)."""
+    return baseline.copy(tmp_path_factory.mktemp("e2e") / "project")
+
+
+def test_repro_runs_every_stage(baseline: Baseline, project: Path) -> None:
+    LEDGER.commands.append(Command(
+        label="repro", args=["dvc", "repro"], stages=RUNNING.findall(baseline.output),
+        exp_name=None, head=baseline.head, started=baseline.started,
+        finished=baseline.finished,
+        evaluation=read_json(project / "metrics" / "evaluate.json"),
+        headline=read_json(project / "metrics" / "headline.json")))
     ran = LEDGER.commands[-1].stages
     assert sorted(ran) == sorted(ALL_STAGES), ran
     assert ran[0] == "check_params" and ran[-1] == "report", ran
@@ -162,10 +176,10 @@ def test_repro_runs_every_stage(project: Path) -> None:
     assert report.is_file() and report.stat().st_size > 0
     assert "confidnet" in report.read_text().lower()
     assert_complete_evaluation(project)
-    assert_report_reads_on_its_own(project, report.read_text())
+    assert_report_reads_on_its_own(project, report.read_text(), ran_in=baseline.path)
 
 
-def assert_report_reads_on_its_own(project: Path, text: str) -> None:
+def assert_report_reads_on_its_own(project: Path, text: str, ran_in: Path) -> None:
     """The numbers a reader needs are there, filled in from the outputs."""
     evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
     confidnet = json.loads((project / "metrics" / "train_confidnet.json").read_text())
@@ -183,7 +197,8 @@ def assert_report_reads_on_its_own(project: Path, text: str) -> None:
     # Nothing that differs between runs of the same inputs: no commit, no path, no run id
     # (the runs are named by their MLflow experiment instead).
     assert git_head(project) not in text and git_head(project)[:10] not in text
-    assert str(project) not in text and str(project.resolve()) not in text
+    for where in (project, ran_in):  # this copy, and where the repro ran
+        assert str(where) not in text and str(where.resolve()) not in text
     run_ids = [r.info.run_id for r in runs_in(f"sqlite:///{project / 'mlflow.db'}")]
     assert run_ids, "the stages logged no MLflow run"
     assert not [i for i in run_ids if i in text], "an MLflow run id in the report"
@@ -197,10 +212,9 @@ def test_second_repro_runs_nothing(project: Path) -> None:
     assert "Running stage" not in output_of(proc)
     status = run(project, ["dvc", "status"])
     assert "up to date" in output_of(status), output_of(status)
-
-    # The user's next step, and the experiments' baseline: commit the reproduced state.
-    run(project, ["git", "add", "-A"])
-    run(project, ["git", "commit", "-q", "-m", "reproduced pipeline"])
+    # conftest.baseline committed the reproduced state (the user's next step): the
+    # experiments' baseline
+    assert run(project, ["git", "status", "--porcelain"]).stdout == ""
     LEDGER.baseline = read_json(project / "metrics" / "evaluate.json")
 
 

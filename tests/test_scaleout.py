@@ -1,7 +1,8 @@
 """Beyond one machine: clones of the project that meet through a bare git remote and a DVC
 remote, as machines of a lab would (README, "Scaling out").
 
-Machine A runs the pipeline once (smoke budget) and pushes its outputs and run cache; a
+Machine A holds the pipeline reproduced once (a copy of the session's project,
+conftest.baseline) and pushes its outputs and run cache; a
 fresh clone with an empty cache pulls them and `dvc repro` recomputes nothing, once through
 an SSH remote served by a real OpenSSH ``sshd`` on 127.0.0.1 (tests/sshd.py) and once
 through a local folder. Then A runs an experiment and pushes it (`dvc exp push`), another
@@ -25,10 +26,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import experiments_shown, make_project, run
+from conftest import Baseline, experiments_shown, run
 from sshd import INSTALL_HINT, SSHServer, find_sshd, running_sshd
-
-from pipeline.settings import compose
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 
@@ -103,20 +102,6 @@ def timed(machines: Machines, label: str, clone: Path, args: list[str],
     return out
 
 
-def smoke_project(dest: Path) -> Path:
-    """The test project (conftest.make_project) at the smoke budget, one epoch per phase:
-    these tests are about where outputs travel, not what they hold."""
-    make_project(dest)
-    config = dest / "conf" / "config.yaml"
-    text = config.read_text()
-    assert "  - budget: fast\n" in text
-    config.write_text(text.replace("  - budget: fast\n", "  - budget: smoke\n"))
-    (dest / "params.yaml").write_text(compose(root=dest))  # what `dvc exp run` composes
-    assert yaml.safe_load((dest / "params.yaml").read_text())["budget"] == "smoke"
-    run(dest, ["git", "commit", "-q", "-am", "smoke budget"])
-    return dest
-
-
 def assert_nothing_recomputed(clone: Path, stages: list[str]) -> str:
     """`dvc status` has nothing to do and `dvc repro` skips every stage; returns what
     `dvc status` said."""
@@ -129,21 +114,20 @@ def assert_nothing_recomputed(clone: Path, stages: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machines]:
-    """Machine A after `dvc repro`, committed and pushed to a bare origin: the one pipeline
-    run the push/pull tests share."""
+def machines(baseline: Baseline,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machines]:
+    """Machine A after `dvc repro` (a copy of the session's reproduced and committed
+    project), pushed to a bare origin: the one pipeline run the push/pull tests share."""
     root = tmp_path_factory.mktemp("machines")
     origin = root / "origin.git"
     run(root, ["git", "init", "-q", "--bare", "-b", "main", str(origin)])
-    a = smoke_project(root / "a")
+    a = baseline.copy(root / "a")
     home = root / "home"
     home.mkdir()
     stages = list(yaml.safe_load((a / "dvc.yaml").read_text())["stages"])
     machines = Machines(root=root, origin=origin, a=a, home=home, stages=stages)
-    out = timed(machines, "A: dvc repro", a, ["dvc", "repro"])
-    assert sorted(RUNNING.findall(out)) == sorted(stages), out
-    run(a, ["git", "add", "-A"])
-    run(a, ["git", "commit", "-q", "-m", "reproduced"])
+    assert sorted(RUNNING.findall(baseline.output)) == sorted(stages), baseline.output
+    assert run(a, ["git", "status", "--porcelain"]).stdout == ""
     run(a, ["git", "remote", "add", "origin", str(origin)])
     run(a, ["git", "push", "-q", "-u", "origin", "main"])
     yield machines
