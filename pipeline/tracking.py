@@ -127,12 +127,18 @@ def uses_default_store(uri: str) -> bool:
 def experiment_id(mlflow: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created if needed (artifacts of the default store
     go to ``mlruns/`` beside ``mlflow.db``) and tagged to open on its runs table.
-    Serialised on a fresh SQLite store."""
+    Serialised on a fresh SQLite store; on a server, two experiments' first stages may
+    both find it missing, and the one whose creation loses the race takes the other's."""
     with _first_use_lock(uri):
         found = mlflow.get_experiment_by_name(name)
         if found is None:
             location = (project_root() / "mlruns").as_uri() if uses_default_store(uri) else None
-            return mlflow.create_experiment(name, location, tags=dict([EXPERIMENT_KIND]))
+            try:
+                return mlflow.create_experiment(name, location, tags=dict([EXPERIMENT_KIND]))
+            except Exception:
+                found = mlflow.get_experiment_by_name(name)
+                if found is None:  # not a lost race: the store refused for another reason
+                    raise
         if EXPERIMENT_KIND[0] not in found.tags:  # a store made before the tag existed
             mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id

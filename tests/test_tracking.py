@@ -48,6 +48,7 @@ from pipeline.tracking import (
     StageRun,
     changed_params,
     client_defaults,
+    experiment_id,
     flatten,
     parent_name,
     record_key,
@@ -713,3 +714,31 @@ def test_replay_into_mlflow_server(twin_projects: dict[str, Reproduced], mlflow_
     again = run(offline, ["python", "-m", "pipeline.replay", "--only-missing"],
                 env={"MLFLOW_TRACKING_URI": mlflow_server}).stdout
     assert again.count("skipped: the store holds its record") == len(STAGES), again
+
+
+def test_an_experiment_created_meanwhile_is_taken_not_an_error(
+        tmp_path: Path, isolated_mlflow: pytest.MonkeyPatch) -> None:
+    """Two queued experiments' first stages against one server both find the MLflow
+    experiment missing; the creation that loses the race takes the winner's experiment
+    (seen on a PostgreSQL-backed server: an IntegrityError, and a stage untracked). The
+    interleaving is replayed on a real store: another client creates the experiment right
+    after this one looked it up."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    other = client_for(uri)
+
+    class LosesTheRace:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(mlflow, name)
+
+        def get_experiment_by_name(self, name: str) -> Any:
+            found = mlflow.get_experiment_by_name(name)
+            if found is None and not other.get_experiment_by_name(name):
+                other.create_experiment(name)  # the other stage wins, between look-up and create
+            return found
+
+    isolated_mlflow.setenv("MLFLOW_TRACKING_URI", uri)
+    created = experiment_id(LosesTheRace(), "raced", "http://server.invalid")
+    assert created == other.get_experiment_by_name("raced").experiment_id
