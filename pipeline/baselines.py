@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
 from pipeline.losses import true_class_probability
@@ -185,6 +184,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray,
             f"temperature scaling needs (N, K) logits and N labels with N > 0; got "
             f"logits {logits.shape} and labels {labels.shape}"
         )
+    # here, not at the top: scipy.optimize costs 0.2 s of import in every stage that
+    # imports this module, and only the baselines stage fits a temperature
+    from scipy.optimize import minimize_scalar
+
     result = minimize_scalar(
         lambda log_t: temperature_nll(logits, labels, float(np.exp(log_t))),
         bounds=(float(np.log(bounds[0])), float(np.log(bounds[1]))), method="bounded",

@@ -137,9 +137,9 @@ def make_optimiser(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimiz
     (CamVid's SegNet); both with ``weight_decay``."""
     if cfg.get("optimizer", "sgd") == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg["lr"],
-                                weight_decay=cfg["weight_decay"])
+                                weight_decay=cfg["weight_decay"], foreach=True)
     return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                           weight_decay=cfg["weight_decay"])
+                           weight_decay=cfg["weight_decay"], foreach=True)
 
 
 @dataclass
@@ -424,7 +424,8 @@ def fit_confidence(model: nn.Module, train: ConfidenceData, val: ConfidenceData,
                                                                                     device)
     train_target, train_correct = train.target.to(device), train.correct.to(device)
     train_labels = train.labels.to(device) if train.labels is not None else None
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 foreach=True)
     generator, draws = distributed.generators(seed)
     net = distributed.wrap(model, device, static_graph=True)
 
