@@ -15,7 +15,8 @@ commit's ``params.yaml`` (``git show HEAD:params.yaml``), e.g. ``prime-sick (los
 
 Who makes the calls: the stage itself never imports MLflow (about 4 CPU seconds of
 imports and store set-up per stage). :class:`StageRun` starts a tracking process,
-``python -m pipeline.tracking``, and passes it each call as a JSON line; that process logs
+``python -m pipeline.tracking`` (under DVC, the stage's first import has started it already:
+:mod:`pipeline.early_tracking`), and passes it each call as a JSON line; that process logs
 while the stage computes, on another core if there is one: per-step metrics in a batch
 every :attr:`StageRun.FLUSH_SECONDS`, so a long run shows its progress, the rest as it
 comes. :meth:`StageRun.end` waits for it, so the store is complete when the stage exits. A
@@ -360,7 +361,7 @@ class StageRun:
         self.params = flatten(params)
         try:
             client_defaults()
-            self._companion = Companion()
+            self._companion = _take_early_companion() or Companion()
         except OSError as error:
             self._fail("start", error)
             return
@@ -583,6 +584,29 @@ class Companion:
                 f"{status} before the run ended")
 
 
+_early_companion: Companion | None = None
+
+
+def start_tracking_early() -> None:
+    """Start the tracking process of the stage this process is about to run, before the
+    stage's imports (torch's take 1.5 s): it imports MLflow meanwhile, on another core.
+    :mod:`pipeline.early_tracking` calls it under DVC; :meth:`StageRun.start` takes the
+    process. Unused (a stage stopped by bad params or missing inputs), it exits when this
+    process does, having logged nothing."""
+    global _early_companion
+    if _early_companion is None:
+        client_defaults()
+        _early_companion = Companion()
+
+
+def _take_early_companion() -> Companion | None:
+    global _early_companion
+    companion, _early_companion = _early_companion, None
+    if companion is not None and companion.process.poll() is not None:
+        return None
+    return companion
+
+
 class Tracker:
     """What the tracking process does with each message: the MLflow calls of one stage
     run (see :class:`StageRun`, whose calls they are)."""
@@ -689,7 +713,17 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    # MLflow's imports first, most of this process's work: started early (see
+    # start_tracking_early), it does them while its stage starts up.
+    if tracking_uri().startswith(("http:", "https:", "file:", "databricks")):
+        import mlflow
+    else:  # a database (the default SQLite store): its store's code is half the imports
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     serve(sys.stdin.buffer, answers)
+    # Every call has returned, so the store holds the run; MLflow's teardown at a normal
+    # exit (about 0.5 s) would only keep the stage waiting.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ and why."""
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 from typing import Any
 
 from pipeline.artifacts import BASELINE_SCORES, CLASSIFIER, DATA
@@ -21,7 +25,7 @@ from pipeline.models import load_classifier
 from pipeline.outputs import Features, load_features
 from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.segmentation import SKIPPED_SCORERS, pixel_baselines, sample_training_pixels
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun
 
 
@@ -73,4 +77,4 @@ def _classification(features: object) -> Features:
 
 
 if __name__ == "__main__":
-    run_stage("baselines", body)
+    run_stage_process("baselines", body)

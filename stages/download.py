@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 import shutil
 import tempfile
 from pathlib import Path
@@ -9,7 +13,7 @@ from typing import Any
 
 from pipeline.artifacts import DATA
 from pipeline.data import DATASETS
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun
 
 
@@ -30,4 +34,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 if __name__ == "__main__":
     # The datasets are prepared with numpy (torchvision only fetches archives): no device.
-    run_stage("download", body, uses_torch=False)
+    run_stage_process("download", body, uses_torch=False)

@@ -9,6 +9,10 @@ one image are not independent), and the curves are thinned to a readable number 
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 import json
 from typing import Any
 
@@ -40,7 +44,7 @@ from pipeline.metrics import (
     thinned,
 )
 from pipeline.outputs import SEGMENTATION, load_features, load_scores, task_of
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun, evaluation_tables
 
 
@@ -119,4 +123,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", body, uses_torch=False)
+    run_stage_process("evaluate", body, uses_torch=False)

@@ -6,6 +6,10 @@ images with their label maps (``features/figure_images.npz``, for the report's F
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 from typing import Any
 
 from pipeline.artifacts import CLASSIFIER, DATA
@@ -16,7 +20,7 @@ from pipeline.models import load_classifier
 from pipeline.outputs import Features, PixelFeatures, save_features, save_figure_images
 from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.segmentation import pixel_features
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun
 
 
@@ -46,4 +50,4 @@ def extract_all(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("extract_features", body)
+    run_stage_process("extract_features", body)

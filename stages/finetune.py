@@ -14,6 +14,10 @@ validation and test confidences are computed image by image (``pipeline.segmenta
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 from typing import Any
 
 import torch
@@ -49,7 +53,7 @@ from pipeline.models import ConfidNetModel, build_confidnet_head, load_classifie
 from pipeline.outputs import Features
 from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.segmentation import pixel_confidences
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun, confidnet_summary_metrics
 from pipeline.training import ConfidenceData, Relabel, confidence_scores, fit_confidence
 
@@ -118,4 +122,4 @@ def _classification(features: object) -> Features:
 
 
 if __name__ == "__main__":
-    run_stage("finetune", body, distributed=True)
+    run_stage_process("finetune", body, distributed=True)

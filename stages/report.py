@@ -8,6 +8,10 @@ git commit, path or time, so the same inputs give the same bytes and a rerun lea
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 from typing import Any
 
 import yaml
@@ -53,7 +57,7 @@ from pipeline.report import (
     save_segmentation_figure,
     verdict,
 )
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun
 
 
@@ -132,4 +136,4 @@ def body(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("report", body, uses_torch=False)
+    run_stage_process("report", body, uses_torch=False)

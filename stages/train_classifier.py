@@ -4,6 +4,10 @@ validation images."""
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 from typing import Any
 
 from pipeline.artifacts import CLASSIFIER, CLASSIFIER_CURVES, CLASSIFIER_METRICS, DATA
@@ -14,7 +18,7 @@ from pipeline.distributed import is_main
 from pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, history_csv
 from pipeline.models import build_classifier
 from pipeline.runtime import compute_params, computing
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun, classifier_summary_metrics
 from pipeline.training import resolve_device, train_classifier
 
@@ -51,4 +55,4 @@ def train(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_classifier", body, distributed=True)
+    run_stage_process("train_classifier", body, distributed=True)

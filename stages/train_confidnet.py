@@ -31,6 +31,10 @@ in eval mode (:mod:`pipeline.segmentation`).
 
 from __future__ import annotations
 
+# First: under DVC, starts this stage's MLflow process while the imports below run.
+import pipeline.early_tracking  # noqa: F401
+
+# isort: split
 import sys
 from dataclasses import replace
 from typing import Any
@@ -68,7 +72,7 @@ from pipeline.models import ConfidNetHead, build_confidnet_head, load_classifier
 from pipeline.outputs import Features, PixelFeatures
 from pipeline.runtime import compute, compute_params, computing, resolve_device
 from pipeline.segmentation import FrozenEncoderHead, pixel_confidences
-from pipeline.stage import run_stage
+from pipeline.stage import run_stage_process
 from pipeline.tracking import StageRun, confidnet_summary_metrics
 from pipeline.training import ConfidenceData, Relabel, confidence_scores, fit_confidence
 
@@ -182,4 +186,4 @@ def train(params: dict[str, Any], run: StageRun) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_confidnet", body, distributed=True)
+    run_stage_process("train_confidnet", body, distributed=True)

@@ -508,6 +508,76 @@ def test_the_stage_logs_through_its_tracking_process(small_project: Path) -> Non
     assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
+# A stage's first import under DVC, then its run: the tracking process the stage ends up
+# with is the one that import started (or none started, outside DVC).
+EARLY_STAGE = """
+import json, sys
+from pathlib import Path
+import yaml
+import pipeline.early_tracking
+from pipeline import tracking
+
+early = tracking._early_companion
+early_pid = early.process.pid if early is not None else None
+if sys.argv[1] == "stop":  # stopped before its run, as by bad params
+    print(json.dumps({"early_pid": early_pid}), flush=True)
+    raise SystemExit(2)
+with tracking.stage_run("evaluate", yaml.safe_load(Path("params.yaml").read_text())) as run:
+    taken = run._companion.process.pid
+    run.log_metrics({"x": 1.0})
+print(json.dumps({"early_pid": early_pid, "taken_pid": taken}))
+"""
+
+
+def run_early_stage(project: Path, env: dict[str, str], then: str = "run") -> dict[str, Any]:
+    proc = run(project, [sys.executable, "-c", EARLY_STAGE, then], check=then == "run",
+               env={"PYTHONPATH": str(REPO), **env})
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_under_dvc_the_stage_takes_the_tracking_process_its_first_import_started(
+        small_project: Path) -> None:
+    result = run_early_stage(small_project, {"DVC_STAGE": "evaluate"})
+    assert result["early_pid"] is not None
+    assert result["taken_pid"] == result["early_pid"]
+    [stage] = runs_by_stage(f"sqlite:///{small_project / 'mlflow.db'}")["evaluate"]
+    assert (stage.info.status, stage.data.metrics) == ("FINISHED", {"x": 1.0})
+
+
+@pytest.mark.parametrize("env", [{}, {"DVC_STAGE": "check_params"},
+                                 {"DVC_STAGE": "evaluate", "RANK": "1"}],
+                         ids=["outside DVC", "untracked stage", "torchrun rank 1"])
+def test_no_early_tracking_process_where_nothing_tracks_it(small_project: Path,
+                                                          env: dict[str, str]) -> None:
+    """Outside DVC the stage starts its tracking process itself, as it always did."""
+    result = run_early_stage(small_project, env)
+    assert result["early_pid"] is None
+    assert result["taken_pid"] is not None
+
+
+def test_an_unused_early_tracking_process_exits_with_its_stage(small_project: Path) -> None:
+    """A stage that stops before its run (bad params, missing inputs) leaves no process
+    behind and nothing in the store."""
+    result = run_early_stage(small_project, {"DVC_STAGE": "evaluate"}, then="stop")
+    pid = result["early_pid"]
+    assert pid is not None
+    deadline = time.monotonic() + 600  # a bound, not a timing: it exits or it does not
+    while Path(f"/proc/{pid}").exists() and "zombie" not in process_state(pid):
+        assert time.monotonic() < deadline, "the unused tracking process never exited"
+        time.sleep(0.1)
+    assert not (small_project / "mlflow.db").exists()
+
+
+def process_state(pid: int) -> str:
+    """``zombie`` once the process has exited but not been reaped (its parent, the stage,
+    is gone, so init reaps it), else what ``/proc`` says, or ``gone``."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "gone"
+    return "zombie" if "\nState:\tZ" in status else status
+
+
 def test_a_tracking_process_that_dies_costs_the_stage_nothing(small_project: Path) -> None:
     died = (r"MLflow end_run failed \(ChildProcessError: the tracking process exited with "
             r"status -9 before the run ended\); stage 'download' goes on without tracking")

@@ -1,0 +1,52 @@
+"""How a stage's process ends (``pipeline.stage.run_stage_process``): at once, without the
+interpreter's teardown, yet after what it registered to run at exit and with its output
+flushed; under a profiler the ordinary way, so that the profile is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, subprocess_env
+
+# A stage whose work is done; the object's __del__ runs only in the interpreter's teardown.
+FINISHED_STAGE = """
+import atexit, sys
+from pathlib import Path
+from pipeline import stage
+
+class TornDown:
+    def __del__(self):
+        sys.stderr.write("torn down\\n")
+
+kept = TornDown()
+atexit.register(lambda: Path("atexit.txt").write_text("ran"))
+stage.run_stage = lambda *args, **kwargs: None  # the stage itself: done, outputs written
+sys.stdout.write("buffered, not flushed")
+stage.run_stage_process("evaluate", lambda params, run: None)
+"""
+
+
+def run_script(tmp_path: Path, *before: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "stage.py"
+    script.write_text(FINISHED_STAGE)
+    return subprocess.run([sys.executable, *before, str(script)], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=600,
+                          env=subprocess_env({"PYTHONPATH": str(REPO)}))
+
+
+def test_a_stage_process_ends_at_once_after_its_exit_functions(tmp_path: Path) -> None:
+    proc = run_script(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "buffered, not flushed"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert "torn down" not in proc.stderr  # no teardown
+
+
+def test_under_a_profiler_a_stage_process_exits_the_ordinary_way(tmp_path: Path) -> None:
+    proc = run_script(tmp_path, "-m", "cProfile", "-o", str(tmp_path / "profile.out"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "profile.out").stat().st_size > 0
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert "torn down" in proc.stderr
