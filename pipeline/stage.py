@@ -120,11 +120,15 @@ def run_stage(name: str, body: StageBody, distributed: bool = False,
 def run_stage_process(name: str, body: StageBody, distributed: bool = False,
                       uses_torch: bool = True) -> NoReturn:
     """``python -m stages.<name>``: :func:`run_stage`, then end the process at once (see
-    :func:`end_process`). A stage that stops on an error exits the ordinary way, and so
-    does one run under a profiler or a debugger (``python -m cProfile`` writes its
-    profile after the stage returns)."""
+    :func:`end_process`). Only where the stage is the program (``python -m``): run by
+    another program in its own process (``runpy.run_module`` without ``alter_sys``, as
+    ``benchmarks/gpu_check.py`` does), under a profiler or a debugger (``python -m
+    cProfile`` writes its profile after the stage returns), or stopped by an error, it
+    exits the ordinary way (:class:`SystemExit`)."""
     run_stage(name, body, distributed=distributed, uses_torch=uses_torch)
-    if sys.getprofile() is None and sys.gettrace() is None:
+    program = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if (getattr(program, "name", None) == f"stages.{name}" and sys.getprofile() is None
+            and sys.gettrace() is None):
         end_process()
     raise SystemExit(0)
 

@@ -11,10 +11,15 @@ from pathlib import Path
 from conftest import REPO, subprocess_env
 
 # A stage whose work is done; the object's __del__ runs only in the interpreter's teardown.
+# Run as `python -m stages.evaluate` (argv[1] "program": the spec python -m gives __main__)
+# or by another program.
 FINISHED_STAGE = """
-import atexit, sys
+import atexit, importlib.util, sys
 from pathlib import Path
 from pipeline import stage
+
+if sys.argv[1] == "program":
+    sys.modules["__main__"].__spec__ = importlib.util.find_spec("stages.evaluate")
 
 class TornDown:
     def __del__(self):
@@ -28,10 +33,12 @@ stage.run_stage_process("evaluate", lambda params, run: None)
 """
 
 
-def run_script(tmp_path: Path, *before: str) -> subprocess.CompletedProcess[str]:
+def run_script(tmp_path: Path, *before: str,
+               run_as: str = "program") -> subprocess.CompletedProcess[str]:
     script = tmp_path / "stage.py"
     script.write_text(FINISHED_STAGE)
-    return subprocess.run([sys.executable, *before, str(script)], cwd=tmp_path, text=True,
+    return subprocess.run([sys.executable, *before, str(script), run_as], cwd=tmp_path,
+                          text=True,
                           capture_output=True, timeout=600,
                           env=subprocess_env({"PYTHONPATH": str(REPO)}))
 
@@ -48,5 +55,13 @@ def test_under_a_profiler_a_stage_process_exits_the_ordinary_way(tmp_path: Path)
     proc = run_script(tmp_path, "-m", "cProfile", "-o", str(tmp_path / "profile.out"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "profile.out").stat().st_size > 0
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert "torn down" in proc.stderr
+
+
+def test_run_by_another_program_a_stage_returns_to_it(tmp_path: Path) -> None:
+    """As benchmarks/gpu_check.py runs the stages: in its own process, which goes on."""
+    proc = run_script(tmp_path, run_as="by another program")
+    assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "atexit.txt").read_text() == "ran"
     assert "torn down" in proc.stderr
