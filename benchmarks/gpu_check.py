@@ -23,9 +23,10 @@ with an environment that can import the project):
    (the four ``*-ubyte.gz`` files; their MD5s are taken as they are, as for any re-packed
    mirror): every stage of ``dvc.yaml`` in order, each module run as ``python -m
    stages.<name>`` runs it but in this process (no interpreter start and CUDA set-up per
-   stage), in a temporary copy of the project, without DVC and untracked by MLflow (the GPU
-   machine has neither; the stages warn and go on). Prints each stage's wall time and the
-   headline.
+   stage), in a temporary copy of the project, without DVC; tracked into that copy's own
+   ``mlflow.db`` where MLflow is installed (the GPU machine has neither: there the stages'
+   tracking processes fail and the stages warn and go on). Prints each stage's wall time
+   and the headline.
 
 ``--smoke`` runs all of it on the CPU in seconds: one batch of 4 samples per loop (CamVid's
 images scaled by 0.1, to 36x48) and the smoke budget for the full run
@@ -371,10 +372,9 @@ def project_copy(folder: Path) -> None:
 
 
 def run_stage_module(stage: str, folder: Path) -> None:
-    """``python -m stages.<stage>`` in ``folder``, in this process, with ``import mlflow``
-    failing (the stages then warn and go on untracked, as where MLflow is not installed)."""
-    here, saved = Path.cwd(), sys.modules.get("mlflow")
-    sys.modules["mlflow"] = None  # type: ignore[assignment]  # makes `import mlflow` fail
+    """``python -m stages.<stage>`` in ``folder``, in this process (a stage never imports
+    MLflow itself: its tracking process does, see ``pipeline/tracking.py``)."""
+    here = Path.cwd()
     os.chdir(folder)
     try:
         with warnings.catch_warnings():
@@ -385,10 +385,6 @@ def run_stage_module(stage: str, folder: Path) -> None:
             raise RuntimeError(f"stages.{stage} stopped with status {stop.code}") from None
     finally:
         os.chdir(here)
-        if saved is None:
-            del sys.modules["mlflow"]
-        else:
-            sys.modules["mlflow"] = saved
 
 
 def check_mirror(mirror: Path) -> None:
