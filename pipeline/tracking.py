@@ -714,10 +714,11 @@ def main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     # MLflow's imports first, most of this process's work: started early (see
-    # start_tracking_early), it does them while its stage starts up.
-    if tracking_uri().startswith(("http:", "https:", "file:", "databricks")):
-        import mlflow
-    else:  # a database (the default SQLite store): its store's code is half the imports
+    # start_tracking_early), it does them while its stage starts up; for a database
+    # (the default SQLite store, or PostgreSQL), its store's code too, half the imports.
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    if tracking_uri().split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     serve(sys.stdin.buffer, answers)
     # Every call has returned, so the store holds the run; MLflow's teardown at a normal

@@ -29,7 +29,10 @@ kept = TornDown()
 atexit.register(lambda: Path("atexit.txt").write_text("ran"))
 stage.run_stage = lambda *args, **kwargs: None  # the stage itself: done, outputs written
 sys.stdout.write("buffered, not flushed")
-stage.run_stage_process("evaluate", lambda params, run: None)
+try:
+    stage.run_stage_process("evaluate", lambda params, run: None)
+except SystemExit as stop:
+    sys.stderr.write(f"back in the program, status {stop.code}\\n")
 """
 
 
@@ -63,5 +66,6 @@ def test_run_by_another_program_a_stage_returns_to_it(tmp_path: Path) -> None:
     """As benchmarks/gpu_check.py runs the stages: in its own process, which goes on."""
     proc = run_script(tmp_path, run_as="by another program")
     assert proc.returncode == 0, proc.stderr
+    assert "back in the program, status 0" in proc.stderr
     assert (tmp_path / "atexit.txt").read_text() == "ran"
     assert "torn down" in proc.stderr
