@@ -7,11 +7,13 @@ stale after a code change."""
 from __future__ import annotations
 
 import ast
+import hashlib
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import artifacts, dvcfile
 
@@ -196,3 +198,16 @@ def test_the_deps_test_fails_on_a_missing_or_extra_dep() -> None:
     assert declared == code_deps("evaluate")
     assert declared - {"pipeline/metrics.py"} != code_deps("evaluate")
     assert declared | {"pipeline/models.py"} != code_deps("evaluate")
+
+
+def test_the_committed_lock_hashes_the_files_as_they_are() -> None:
+    """dvc.lock records the md5 of every file dep as it was when the lock was made; a code
+    change committed without `dvc repro` (or `dvc commit`) leaves it stale, and a fresh
+    clone then reruns stages for nothing."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    stale = sorted({f"{stage}: {dep['path']}" for stage, entry in lock.items()
+                    for dep in entry.get("deps", [])
+                    if (REPO / dep["path"]).is_file()
+                    and hashlib.md5((REPO / dep["path"]).read_bytes()).hexdigest()
+                    != dep["md5"]})
+    assert not stale, f"dvc.lock is stale (run `dvc repro`, then commit it): {stale}"
