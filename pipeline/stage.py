@@ -21,7 +21,7 @@ from pipeline.config import load_params
 from pipeline.errors import DataError, ParamsError
 from pipeline.io import atomic_write_json
 from pipeline.runtime import check_device, resolve_device, seed_everything, seed_host
-from pipeline.tracking import StageRun, stage_run
+from pipeline.tracking import StageRun, stage_run, tracking_enabled
 
 PARAMS = Path("params.yaml")
 StageBody = Callable[[dict[str, Any], StageRun], None]
@@ -72,10 +72,11 @@ def missing_inputs_message(stage: str) -> str | None:
 
 def run_stage(name: str, body: StageBody, distributed: bool = False,
               uses_torch: bool = True) -> None:
-    """Validate ``params.yaml`` and check that the stage's inputs exist (before any work
-    and before any MLflow run), seed, run ``body`` inside an MLflow run, then write
-    ``runs/<name>.json``: what it logged, which ``python -m pipeline.replay`` replays. Bad
-    params and missing inputs exit with status 2 and one message; so does a dataset that
+    """Validate ``params.yaml`` and ``CONFIDNET_TRACKING``, and check that the stage's
+    inputs exist (before any work and before any MLflow run), seed, run ``body`` inside an
+    MLflow run (unless tracking is off), then write ``runs/<name>.json``: what it logged,
+    which ``python -m pipeline.replay`` replays. Bad params, a bad ``CONFIDNET_TRACKING``
+    and missing inputs exit with status 2 and one message; so does a dataset that
     fails its checks (:class:`DataError`), after the MLflow run is marked FAILED.
 
     A ``distributed`` (training) stage with ``nproc_per_node`` > 1 starts itself again
@@ -90,6 +91,10 @@ def run_stage(name: str, body: StageBody, distributed: bool = False,
         raise ValueError(f"stage {name!r}: a distributed stage trains, with torch")
     params = checked_params(device=uses_torch)
     device = resolve_device(params["device"]) if uses_torch else None
+    try:
+        tracking_enabled()
+    except ValueError as error:
+        _stop(error)
     missing = missing_inputs_message(name)
     if missing:
         _stop(missing)

@@ -70,6 +70,11 @@ CLIENT_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
+# Tracking off: no tracking process, no MLflow, no store; the DVC outputs and
+# runs/<stage>.json are written as always, so `python -m pipeline.replay` logs them later.
+TRACKING_SWITCH = "CONFIDNET_TRACKING"
+TRACKING_VALUES = {"on": True, "off": False}
+
 REPLAY_HINT = "python -m pipeline.replay"
 # The stage that ends the parent run.
 FINAL_STAGE = STAGE_ORDER[-1]
@@ -88,6 +93,19 @@ def client_defaults() -> None:
     (MLflow reads these variables on each request)."""
     for name, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def tracking_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether stages track in MLflow: :data:`TRACKING_SWITCH` is ``on`` (the default, also
+    when unset or empty) or ``off``. Any other value is a ``ValueError`` naming it and the
+    valid ones."""
+    value = environ.get(TRACKING_SWITCH) or "on"
+    try:
+        return TRACKING_VALUES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"{TRACKING_SWITCH}={value!r} is not a valid value; use one of: "
+            f"{', '.join(TRACKING_VALUES)}") from None
 
 
 def default_tracking_uri() -> str:
@@ -357,8 +375,11 @@ class StageRun:
               params_text: str = "") -> None:
         """Start the stage's run, nested under its pipeline's parent run (found or created,
         see the module docstring); ``params_text`` is ``params.yaml`` as written. Returns
-        at once: the tracking process imports MLflow and opens the run meanwhile."""
+        at once: the tracking process imports MLflow and opens the run meanwhile. With
+        tracking off (:func:`tracking_enabled`) it only records the params."""
         self.params = flatten(params)
+        if not tracking_enabled():
+            return
         try:
             client_defaults()
             self._companion = _take_early_companion() or Companion()
@@ -468,7 +489,8 @@ def _first_use_lock(uri: str) -> Iterator[None]:
 
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
-    """An MLflow run for one stage, ended FINISHED or FAILED."""
+    """An MLflow run for one stage, ended FINISHED or FAILED; with tracking off
+    (:func:`tracking_enabled`), a run that records what the stage logs and sends nothing."""
     client_defaults()
     run = StageRun(stage)
     text = Path("params.yaml")

@@ -103,9 +103,15 @@ def write_params(project: Path, params: Mapping[str, Any]) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
 
 
+# For a test that runs stages but reads nothing from MLflow: no tracking process (2 s of
+# CPU per stage) and no store; the stages' outputs are the same bytes (README, "MLflow").
+UNTRACKED = {"CONFIDNET_TRACKING": "off"}
+
+
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for `python` and `dvc` from this venv, with telemetry off and no
-    MLFLOW_TRACKING_URI (or DVC stage variables) inherited from the caller."""
+    MLFLOW_TRACKING_URI, CONFIDNET_TRACKING (or DVC stage variables) inherited from the
+    caller."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.update(DVC_NO_ANALYTICS="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
@@ -114,7 +120,8 @@ def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # threads waiting for a descheduled sibling). Nothing these tests check depends on it;
     # benchmarks/speed.py, which times the defaults, leaves it alone.
     env.setdefault("OMP_NUM_THREADS", "1")
-    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"):
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME",
+                 "CONFIDNET_TRACKING"):
         env.pop(name, None)
     if extra:
         env.update(extra)
@@ -430,7 +437,7 @@ def isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME",
-                 *CLIENT_DEFAULTS):
+                 "CONFIDNET_TRACKING", *CLIENT_DEFAULTS):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("DO_NOT_TRACK", "1")

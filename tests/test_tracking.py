@@ -45,6 +45,7 @@ from pipeline import replay
 from pipeline.stage import run_stage
 from pipeline.tracking import (
     CLIENT_DEFAULTS,
+    TRACKING_SWITCH,
     StageRun,
     changed_params,
     client_defaults,
@@ -53,6 +54,7 @@ from pipeline.tracking import (
     parent_name,
     record_key,
     stage_run,
+    tracking_enabled,
 )
 from stages import download
 
@@ -523,9 +525,9 @@ if sys.argv[1] == "stop":  # stopped before its run, as by bad params
     print(json.dumps({"early_pid": early_pid}), flush=True)
     raise SystemExit(2)
 with tracking.stage_run("evaluate", yaml.safe_load(Path("params.yaml").read_text())) as run:
-    taken = run._companion.process.pid
+    taken = run._companion.process.pid if run._companion is not None else None
     run.log_metrics({"x": 1.0})
-print(json.dumps({"early_pid": early_pid, "taken_pid": taken}))
+print(json.dumps({"early_pid": early_pid, "taken_pid": taken, "record": run.record()}))
 """
 
 
@@ -553,6 +555,41 @@ def test_no_early_tracking_process_where_nothing_tracks_it(small_project: Path,
     result = run_early_stage(small_project, env)
     assert result["early_pid"] is None
     assert result["taken_pid"] is not None
+
+
+def test_with_tracking_off_a_stage_starts_no_process_and_still_records(
+        small_project: Path) -> None:
+    """CONFIDNET_TRACKING=off: no tracking process (neither early nor at the run), no
+    store, no warning; the record that `pipeline.replay` logs later is the same."""
+    proc = run(small_project, [sys.executable, "-W", "error::RuntimeWarning", "-c",
+                               EARLY_STAGE, "run"],
+               env={"PYTHONPATH": str(REPO), "DVC_STAGE": "evaluate",
+                    "CONFIDNET_TRACKING": "Off"})
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert (result["early_pid"], result["taken_pid"]) == (None, None)
+    assert result["record"]["metrics"] == {"x": 1.0}
+    assert not (small_project / "mlflow.db").exists()
+    tracked = run_early_stage(small_project, {"DVC_STAGE": "evaluate"})
+    assert tracked["record"] == result["record"]
+
+
+@pytest.mark.parametrize(("value", "enabled"),
+                         [(None, True), ("", True), ("on", True), (" ON ", True),
+                          ("off", False), ("OFF", False)])
+def test_tracking_switch_values(value: str | None, enabled: bool) -> None:
+    environ = {} if value is None else {TRACKING_SWITCH: value}
+    assert tracking_enabled(environ) is enabled
+
+
+def test_a_bad_tracking_switch_stops_the_stage_before_any_work(small_project: Path) -> None:
+    proc = run(small_project, [sys.executable, "-m", "stages.evaluate"], check=False,
+               env={"PYTHONPATH": str(REPO), "DVC_STAGE": "evaluate",
+                    "CONFIDNET_TRACKING": "0"})
+    assert proc.returncode == 2, proc.stderr
+    assert "CONFIDNET_TRACKING='0' is not a valid value; use one of: on, off" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (small_project / "mlflow.db").exists()
+    assert not (small_project / "runs").exists()
 
 
 def test_an_unused_early_tracking_process_exits_with_its_stage(small_project: Path) -> None:
