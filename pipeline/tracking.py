@@ -29,7 +29,7 @@ experiments, which run in temporary copies, still log to the user's store. Artif
 the default store go to ``mlruns/`` beside it.
 
 Tracking never costs a result: if the store is unreachable or locked, or the tracking
-process dies or says nothing for :attr:`StageRun.QUIET_SECONDS` (it is then stopped), the
+process dies or says nothing for :meth:`StageRun.quiet_seconds` (it is then stopped), the
 stage warns once and finishes; its DVC outputs hold every number, and
 ``python -m pipeline.replay`` logs them later from ``runs/<stage>.json`` (see
 :meth:`StageRun.record`). That record holds only what the stage's inputs determine (no run
@@ -93,6 +93,28 @@ def client_defaults() -> None:
     (MLflow reads these variables on each request)."""
     for name, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+# MLflow's own defaults for its HTTP client (mlflow.environment_variables), for the
+# variables a user may leave unset.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 7, "MLFLOW_HTTP_REQUEST_TIMEOUT": 120,
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 2,
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 1.0}
+BACKOFF_MAX_SECONDS = 120.0  # urllib3's Retry.DEFAULT_BACKOFF_MAX, which MLflow keeps
+
+
+def longest_call_seconds(environ: Mapping[str, str]) -> float:
+    """The longest one MLflow HTTP call can take under the client settings in ``environ``:
+    every try times out, with urllib3's backoff between tries (``factor * 2**(n - 1)`` plus
+    up to ``jitter``, at most 120 s). Unset variables take MLflow's defaults."""
+    value = {name: float(environ.get(name) or default)
+             for name, default in MLFLOW_HTTP_DEFAULTS.items()}
+    retries = int(value["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    backoff = sum(min(BACKOFF_MAX_SECONDS,
+                      value["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] * 2 ** (n - 1)
+                      + value["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"])
+                  for n in range(1, retries + 1))
+    return (retries + 1) * value["MLFLOW_HTTP_REQUEST_TIMEOUT"] + backoff
 
 
 def tracking_enabled(environ: Mapping[str, str] = os.environ) -> bool:
@@ -316,9 +338,11 @@ class StageRun:
     # per epoch costs more than a small model's epoch on a CPU.
     FLUSH_SECONDS = 10.0
     # How long :meth:`end` waits for a word from the tracking process (it answers each
-    # message as it is done): longer than any one call takes under the client defaults
-    # (two HTTP tries of 10 s, SQLite's 20 s busy timeout), short enough that a process
-    # stuck for good costs the stage two minutes, not forever.
+    # message as it is done), under the client defaults: longer than several calls take
+    # (one: two HTTP tries of 10 s and a backoff, 23 s at most; SQLite's 20 s busy
+    # timeout), short enough that a process stuck for good costs the stage two minutes,
+    # not forever. Client settings that let a call take longer scale it
+    # (:meth:`quiet_seconds`).
     QUIET_SECONDS = 120.0
 
     def __init__(self, stage: str) -> None:
@@ -338,6 +362,18 @@ class StageRun:
         self._pending: list[list[Any]] = []  # [name, value, time in ms, step]
         self._last_flush = time.monotonic()
 
+    def quiet_seconds(self) -> float:
+        """:attr:`QUIET_SECONDS`, times how much longer one MLflow call may take under the
+        client settings in force than under :data:`CLIENT_DEFAULTS` (never less): a user
+        who raises ``MLFLOW_HTTP_REQUEST_TIMEOUT`` or the retries gives a slow server
+        that much more time, not a stopped tracking process."""
+        try:
+            ratio = (longest_call_seconds(os.environ)
+                     / longest_call_seconds(CLIENT_DEFAULTS))
+        except ValueError:  # not a number: MLflow reports it, the floor stands
+            ratio = 1.0
+        return self.QUIET_SECONDS * max(1.0, ratio)
+
     def _fail(self, action: str, cause: Exception | str) -> None:
         """Warn once (``cause``: an exception, or ``"Type: message"`` from the tracking
         process) and stop tracking."""
@@ -353,7 +389,7 @@ class StageRun:
         )
         companion, self._companion = self._companion, None
         if companion is not None:
-            companion.close(self.QUIET_SECONDS)
+            companion.close(self.quiet_seconds())
 
     def _send(self, op: str, **fields: Any) -> None:
         """Pass one call on to the tracking process, after warning about any failure it
@@ -434,14 +470,14 @@ class StageRun:
         """End the run; the last stage ends the parent too, and a failure marks it FAILED.
         A finished run is tagged with its record's ``replay_key``. Returns once the
         tracking process has logged everything (or failed, or been silent for
-        :attr:`QUIET_SECONDS`), so that the store is complete when the stage exits."""
+        :meth:`quiet_seconds`), so that the store is complete when the stage exits."""
         self.flush()
         self._send("end", status=status,
                    replay_key=record_key(self.record()) if status == "FINISHED" else None)
         companion, self._companion = self._companion, None
         if companion is None:
             return
-        problem = companion.close(self.QUIET_SECONDS)
+        problem = companion.close(self.quiet_seconds())
         self.run_id, self.parent_id = companion.run_id, companion.parent_id
         if problem is not None:
             self._fail(*problem)

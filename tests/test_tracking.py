@@ -44,13 +44,16 @@ from conftest import (
 from pipeline import replay
 from pipeline.stage import run_stage
 from pipeline.tracking import (
+    BACKOFF_MAX_SECONDS,
     CLIENT_DEFAULTS,
+    MLFLOW_HTTP_DEFAULTS,
     TRACKING_SWITCH,
     StageRun,
     changed_params,
     client_defaults,
     experiment_id,
     flatten,
+    longest_call_seconds,
     parent_name,
     record_key,
     stage_run,
@@ -202,6 +205,37 @@ def small_project(tmp_path: Path, isolated_mlflow: pytest.MonkeyPatch) -> Path:
     shutil.copytree(REPO / "pipeline" / "manifests", tmp_path / "pipeline" / "manifests")
     isolated_mlflow.chdir(tmp_path)
     return tmp_path
+
+
+def test_mlflow_http_defaults_are_mlflows_own() -> None:
+    """The copy of MLflow's client defaults that :func:`longest_call_seconds` falls back
+    on, and urllib3's backoff cap, agree with the installed libraries."""
+    import mlflow.environment_variables as variables
+    from urllib3.util.retry import Retry
+
+    assert {name: getattr(variables, name).default for name in MLFLOW_HTTP_DEFAULTS} == \
+        MLFLOW_HTTP_DEFAULTS
+    assert Retry.DEFAULT_BACKOFF_MAX == BACKOFF_MAX_SECONDS
+
+
+def test_the_quiet_wait_grows_with_the_clients_patience(
+        isolated_mlflow: pytest.MonkeyPatch) -> None:
+    client_defaults()
+    # two tries of 10 s, one backoff of 2 s plus at most 1 s of jitter
+    assert longest_call_seconds(os.environ) == 23.0
+    assert StageRun("download").quiet_seconds() == StageRun.QUIET_SECONDS
+    isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    slow = StageRun("download").quiet_seconds()
+    assert slow == pytest.approx(StageRun.QUIET_SECONDS * (2 * 120 + 3) / 23)
+    isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # MLflow's default
+    # 8 tries of 120 s; backoffs 2, 4, ..., 64, then capped at 120, each plus 1 of jitter
+    assert longest_call_seconds(os.environ) == 8 * 120 + (3 + 5 + 9 + 17 + 33 + 65 + 120)
+    assert StageRun("download").quiet_seconds() > slow
+    isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # quicker than the defaults
+    isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert StageRun("download").quiet_seconds() == StageRun.QUIET_SECONDS
+    isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "ten")  # MLflow reports it
+    assert StageRun("download").quiet_seconds() == StageRun.QUIET_SECONDS
 
 
 def test_client_defaults_fail_fast_and_yield_to_the_user(
