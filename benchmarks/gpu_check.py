@@ -23,10 +23,9 @@ with an environment that can import the project):
    (the four ``*-ubyte.gz`` files; their MD5s are taken as they are, as for any re-packed
    mirror): every stage of ``dvc.yaml`` in order, each module run as ``python -m
    stages.<name>`` runs it but in this process (no interpreter start and CUDA set-up per
-   stage), in a temporary copy of the project, without DVC; tracked into that copy's own
-   ``mlflow.db`` where MLflow is installed (the GPU machine has neither: there the stages'
-   tracking processes fail and the stages warn and go on). Prints each stage's wall time
-   and the headline.
+   stage), in a temporary copy of the project, without DVC, untracked
+   (``CONFIDNET_TRACKING=off``: no tracking process competes with the timing, and the GPU
+   machine has no MLflow). Prints each stage's wall time and the headline.
 
 ``--smoke`` runs all of it on the CPU in seconds: one batch of 4 samples per loop (CamVid's
 images scaled by 0.1, to 36x48) and the smoke budget for the full run
@@ -55,6 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import yaml
@@ -76,6 +76,7 @@ from pipeline.prepared import Split
 from pipeline.runtime import computing, resolve_device, seed_everything
 from pipeline.segmentation import FrozenEncoderHead, pixel_confidences
 from pipeline.settings import compose, preset_names
+from pipeline.tracking import TRACKING_SWITCH
 from pipeline.training import ConfidenceData, Relabel, fit_confidence, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,12 +373,12 @@ def project_copy(folder: Path) -> None:
 
 
 def run_stage_module(stage: str, folder: Path) -> None:
-    """``python -m stages.<stage>`` in ``folder``, in this process (a stage never imports
-    MLflow itself: its tracking process does, see ``pipeline/tracking.py``)."""
+    """``python -m stages.<stage>`` in ``folder``, in this process, untracked (see the
+    module docstring)."""
     here = Path.cwd()
     os.chdir(folder)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), mock.patch.dict(os.environ, {TRACKING_SWITCH: "off"}):
             warnings.simplefilter("ignore")
             runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=False)
     except SystemExit as stop:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import make_project, run
+from conftest import UNTRACKED, make_project, run
 from fake_camvid import write_camvid
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,8 @@ def smoke_run(tree: tuple[Path, dict[str, str]],
     values["device"] = "cpu"
     smoke.write_text("# @package _global_\n" + yaml.safe_dump(values, sort_keys=False))
     run(project, ["git", "commit", "-qam", "camvid mirror"])
-    run(project, ["dvc", "exp", "run", *(a for s in SMOKE for a in ("-S", s))], timeout=3600)
+    run(project, ["dvc", "exp", "run", *(a for s in SMOKE for a in ("-S", s))],
+        env=UNTRACKED, timeout=3600)
     return project
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import REPO, fast_params, make_project, run, subprocess_env
+from conftest import REPO, UNTRACKED, fast_params, make_project, run, subprocess_env
 
 from pipeline.augment import Augmentation
 from pipeline.checkpoint import Checkpointer, fingerprint, stage_fingerprint
@@ -292,7 +292,7 @@ def kill_when_checkpointed(project: Path, min_epoch: int, timeout: float = 60) -
     later; returns that epoch."""
     path = project / ".checkpoints" / "train_classifier" / "checkpoint.pt"
     proc = subprocess.Popen([sys.executable, "-m", "stages.train_classifier"], cwd=project,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            env=subprocess_env(UNTRACKED), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     epoch = 0
@@ -319,7 +319,7 @@ def test_sigkilled_stage_resumes_to_identical_weights(tmp_path: Path) -> None:
     params["classifier"]["epochs"] = KILL_EPOCHS
     params["checkpoint_every_seconds"] = 0
     killed = make_project(tmp_path / "killed", params)
-    run(killed, ["python", "-m", "stages.download"])
+    run(killed, ["python", "-m", "stages.download"], env=UNTRACKED)
 
     epoch = kill_when_checkpointed(killed, min_epoch=3)
     assert 3 <= epoch < KILL_EPOCHS
@@ -331,7 +331,7 @@ def test_sigkilled_stage_resumes_to_identical_weights(tmp_path: Path) -> None:
                  if p.relative_to(killed).parts[0] not in (".checkpoints", ".git", ".dvc")]
     assert leftovers == []
 
-    resumed = run(killed, ["python", "-m", "stages.train_classifier"])
+    resumed = run(killed, ["python", "-m", "stages.train_classifier"], env=UNTRACKED)
     assert "resuming train_classifier from epoch" in resumed.stderr
     assert not (killed / ".checkpoints" / "train_classifier").exists()
 
@@ -340,7 +340,7 @@ def test_sigkilled_stage_resumes_to_identical_weights(tmp_path: Path) -> None:
     (whole / "data").mkdir()
     for file in (killed / "data").iterdir():
         (whole / "data" / file.name).write_bytes(file.read_bytes())
-    done = run(whole, ["python", "-m", "stages.train_classifier"])
+    done = run(whole, ["python", "-m", "stages.train_classifier"], env=UNTRACKED)
     assert "resuming" not in done.stderr
     assert not (whole / ".checkpoints" / "train_classifier").exists()
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Baseline, experiments_shown, run
+from conftest import UNTRACKED, Baseline, experiments_shown, run
 from sshd import INSTALL_HINT, SSHServer, find_sshd, running_sshd
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
@@ -191,7 +191,7 @@ def test_experiments_meet_through_git_and_dvc_remotes(machines: Machines,
     remote.configure(b)
 
     ran = timed(machines, "A: dvc exp run -S seed=1", a,
-                ["dvc", "exp", "run", "-S", "seed=1", "-n", "seed1-on-a"])
+                ["dvc", "exp", "run", "-S", "seed=1", "-n", "seed1-on-a"], UNTRACKED)
     assert sorted(RUNNING.findall(ran)) == sorted(machines.stages), ran  # seed reruns all
     assert EXP_NAME.findall(ran) == ["seed1-on-a"], ran
     on_a = experiments_shown(a)["seed1-on-a"]
