@@ -682,15 +682,15 @@ def test_a_stage_that_dies_leaves_its_run_killed(small_project: Path) -> None:
 
 def test_a_silent_tracking_process_is_stopped(small_project: Path,
                                              isolated_mlflow: pytest.MonkeyPatch) -> None:
-    """A server that takes the connection and never answers, with a client that would
-    wait an hour: the stage ends once its tracking process has said nothing for
-    QUIET_SECONDS, and stops it."""
+    """A server that takes the connection and never answers: the stage ends once its
+    tracking process has said nothing for :meth:`StageRun.quiet_seconds` (QUIET_SECONDS
+    under the client defaults, here 3 s, before the client's own 10 s timeout), and stops
+    it."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         isolated_mlflow.setenv("MLFLOW_TRACKING_URI",
                                f"http://127.0.0.1:{server.getsockname()[1]}")
-        isolated_mlflow.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3600")
         isolated_mlflow.setattr(StageRun, "QUIET_SECONDS", 3.0)
         silent = (r"MLflow end_run failed \(TimeoutError: the tracking process said "
                   r"nothing for 3 s; stopped it\)")
