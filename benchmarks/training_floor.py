@@ -22,9 +22,19 @@ The floor is the same call's floating-point work done by dense matrix products a
   validation subset of the same proportion) and the epoch time is scaled from them; the
   ratio needs no scaling (time and FLOPs are of the same subset).
 
+Where the gap to the floor comes from: every convolution (forward and backward) and matrix
+product the epoch ran is recorded with its shapes and strides and replayed alone on random
+tensors ("kernels alone", the same FLOPs, checked). ``epoch / kernels alone`` is the loop's
+own overhead (elementwise work, the optimiser, dropout masks, the data path);
+``kernels alone / floor`` is how far the library's kernels for these shapes fall short of
+the GEMM rate. ``--channels-last`` runs the loops with the pipeline's ``channels_last: true``
+(the memory format question for the convnets); ``--threads`` sets torch's threads.
+
 Times and the floor take turns, each the fastest of ``--repeats``.
 
     python benchmarks/training_floor.py --out benchmarks/results/training_floor.md
+    python benchmarks/training_floor.py mnist_smallconv svhn_smallconv cifar10_vgg16 \
+        --channels-last --out benchmarks/results/training_floor_channels_last.md
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from pipeline.features import AugmentedTargets, FeatureDropoutTargets
 from pipeline.losses import LOSSES, loss_kwargs
 from pipeline.models import ConfidNetHead, build_classifier
 from pipeline.prepared import Split
+from pipeline.runtime import computing
 from pipeline.settings import compose
 from pipeline.training import ConfidenceData, fit_confidence, train_classifier
 
@@ -104,6 +115,56 @@ def chain(calls: list[tuple[Layout, Layout]]) -> tuple[Callable[[], None], int]:
             torch.mm(a, b)
 
     return run, flops
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class KernelRecorder(TorchDispatchMode):
+    """Records every convolution (forward and backward) and matrix product that runs: the
+    op and its arguments, tensors as (shape, strides), so that a replay has the same
+    memory formats (channels-last, transposed views)."""
+
+    KERNELS = (aten.convolution.default, aten.convolution_backward.default,
+               aten.mm.default, aten.addmm.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        if func in self.KERNELS:
+            assert not kwargs, (func, kwargs)
+            self.calls.append((func, tuple(
+                TensorSpec(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
+                for a in args)))
+        return func(*args, **(kwargs or {}))
+
+
+def kernel_chain(calls: list[tuple[Any, tuple[Any, ...]]]) -> Callable[[], None]:
+    """A replay of ``calls`` (:class:`KernelRecorder`) on random tensors of the same shapes
+    and strides: what the loop's convolutions and matrix products cost alone, in the
+    kernels the library picks for those shapes."""
+    cache: dict[TensorSpec, torch.Tensor] = {}
+
+    def tensor(spec: TensorSpec) -> torch.Tensor:
+        if spec not in cache:
+            size = 1 + sum((n - 1) * s for n, s in zip(spec.shape, spec.stride, strict=True))
+            cache[spec] = torch.randn(size).as_strided(spec.shape, spec.stride)
+        return cache[spec]
+
+    replay = [(func, [tensor(a) if isinstance(a, TensorSpec) else a for a in args])
+              for func, args in calls]
+
+    def run() -> None:
+        for func, args in replay:
+            func(*args)
+
+    return run
 
 
 def gemm(repeat: int = 8) -> Callable[[], None]:
@@ -177,11 +238,45 @@ def loops(setting: str, batches: int | None, quick: bool) -> tuple[str, list[Loo
         Loop(f"phase 1, {path} ({subset})", phase1_epoch, n_train / n)]
 
 
-def count(fn: Callable[[], Any]) -> tuple[int, list[tuple[Layout, Layout]]]:
-    """FLOPs of one call of ``fn`` and the matrix products it ran."""
-    with FlopCounterMode(display=False) as flops, MatmulRecorder() as recorder:
+def count(fn: Callable[[], Any]) -> tuple[int, list[tuple[Layout, Layout]],
+                                         list[tuple[Any, tuple[Any, ...]]]]:
+    """FLOPs of one call of ``fn``, the matrix products it ran and every kernel call
+    (:class:`KernelRecorder`)."""
+    with FlopCounterMode(display=False) as flops, MatmulRecorder() as recorder, \
+            KernelRecorder() as kernels:
         fn()
-    return flops.get_total_flops(), recorder.calls
+    return flops.get_total_flops(), recorder.calls, kernels.calls
+
+
+def flops_of(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as flops:
+        fn()
+    return flops.get_total_flops()
+
+
+def measure(setting: str, loop: Loop, goal: float, gemm_run: Callable[[], None],
+            gemm_flops: int, repeats: int) -> list[str]:
+    """One row: ``loop``'s epoch against its floor, and against its own kernels replayed
+    alone (:func:`kernel_chain`)."""
+    flops, calls, kernel_calls = count(loop.run)
+    replay, chain_flops = chain(calls)
+    matmul_only = chain_flops == flops
+    kernels = kernel_chain(kernel_calls)
+    assert flops_of(kernels) == flops, "the kernel replay misses FLOPs the loop ran"
+    runs: dict[str, Callable[[], Any]] = {"epoch": loop.run, "gemm": gemm_run,
+                                          "kernels": kernels}
+    if matmul_only:
+        runs["chain"] = replay
+    t = _bench.interleaved(runs, repeats)
+    rate = gemm_flops / t["gemm"]
+    floor = t["chain"] if matmul_only else flops / rate
+    how = "matmul chain" if matmul_only else f"FLOPs at {rate / 1e9:.0f} GFLOP/s"
+    ratio = t["epoch"] / floor
+    return [setting, loop.name, f"{flops * loop.scale / 1e9:,.0f}",
+            f"{t['epoch'] * loop.scale:.2f}", f"{floor * loop.scale:.2f} ({how})",
+            f"{flops / t['epoch'] / 1e9:.0f}", f"{rate / 1e9:.0f}",
+            f"{t['kernels'] * loop.scale:.2f}", f"{t['epoch'] / t['kernels']:.2f}x",
+            f"**{ratio:.2f}x**", f"{goal}x", "met" if ratio <= goal else "missed"]
 
 
 def main() -> None:
@@ -192,6 +287,9 @@ def main() -> None:
                         "runs whole epochs")
     p.add_argument("--vgg-batches", type=int, default=4,
                    help="training batches timed per VGG16 epoch (default 4)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the loops with params' channels_last: true (images and "
+                        "convolution weights in channels-last order)")
     args = p.parse_args()
     if args.quick and args.settings == list(SETTINGS):
         args.settings = list(QUICK_SETTINGS)
@@ -206,22 +304,8 @@ def main() -> None:
         model_name, setting_loops = loops(setting, batches, args.quick)
         goal = GOALS.get(model_name, 2.0)
         for loop in setting_loops:
-            flops, calls = count(loop.run)
-            replay, chain_flops = chain(calls)
-            matmul_only = chain_flops == flops
-            runs: dict[str, Callable[[], Any]] = {"epoch": loop.run, "gemm": gemm_run}
-            if matmul_only:
-                runs["chain"] = replay
-            t = _bench.interleaved(runs, args.repeats)
-            rate = gemm_flops / t["gemm"]
-            floor = t["chain"] if matmul_only else flops / rate
-            how = ("matmul chain" if matmul_only else
-                   f"FLOPs at {rate / 1e9:.0f} GFLOP/s")
-            ratio = t["epoch"] / floor
-            rows.append([setting, loop.name, f"{flops * loop.scale / 1e9:,.0f}",
-                         f"{t['epoch'] * loop.scale:.2f}", f"{floor * loop.scale:.2f} ({how})",
-                         f"{flops / t['epoch'] / 1e9:.0f}", f"{rate / 1e9:.0f}",
-                         f"**{ratio:.2f}x**", f"{goal}x", "met" if ratio <= goal else "missed"])
+            with computing(channels_last=args.channels_last):
+                rows.append(measure(setting, loop, goal, gemm_run, gemm_flops, args.repeats))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)  # progress
     report.add(_bench.table(HEADERS, rows))
     report.add(
@@ -229,12 +313,18 @@ def main() -> None:
         f"named), GFLOP per epoch counted by FlopCounterMode (forward + backward of the "
         f"trained layers, forward of the frozen ones and of the evaluation passes). GEMM "
         f"rate: torch.mm of {GEMM_SIZE}x{GEMM_SIZE} float32 matrices in the same run. "
+        f"Kernels alone: every convolution (forward, backward) and matrix product the "
+        f"epoch ran, replayed with the same shapes and memory format on random tensors "
+        f"(same FLOPs, checked): what the library's kernels for these shapes cost without "
+        f"the loop around them; ratio = epoch / floor = (epoch / kernels alone) x "
+        f"(kernels alone / floor). Memory format: "
+        f"{'channels-last' if args.channels_last else 'contiguous (the default)'}. "
         f"Fastest of {args.repeats} interleaved repeats.")
     report.close()
 
 
 HEADERS = ["setting", "epoch (data)", "GFLOP", "epoch, s", "floor, s", "achieved GFLOP/s",
-           "GEMM GFLOP/s", "ratio", "goal", ""]
+           "GEMM GFLOP/s", "kernels alone, s", "epoch / kernels", "ratio", "goal", ""]
 
 
 if __name__ == "__main__":
