@@ -218,6 +218,48 @@ def mcp_temperature(ctx: ScoringContext) -> np.ndarray:
 # ---------------------------------------------------------------------------- MC Dropout
 
 
+# On a CPU, a pass whose layer outputs outgrow the caches runs at memory speed: 4,096 rows
+# of SmallConvNet's activations made the batched passes half as fast as a plain loop
+# (benchmarks/results/mc_dropout.md). There a pass is sized so that its largest layer output
+# stays under this many bytes; on a GPU, ``batch_size`` rows alone bound it.
+CPU_PASS_BYTES = 32 * 2**20
+
+
+def largest_output_bytes(classifier: Classifier, inputs: torch.Tensor) -> int:
+    """Bytes of the largest output of one of ``classifier``'s layers, for one row of
+    ``inputs``: one forward pass in eval mode, which draws no random numbers."""
+    largest = 0
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output[:1].numel() * output.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in classifier.modules()
+               if not any(m.children())]
+    was_training = classifier.training
+    try:
+        classifier.eval()
+        classifier(inputs[:1])
+    finally:
+        classifier.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return largest
+
+
+def inputs_per_pass(classifier: Classifier, inputs: torch.Tensor, samples: int,
+                    batch_size: int, device: torch.device | str) -> int:
+    """Inputs per batched MC Dropout pass, each repeated ``samples`` times: as many as
+    ``batch_size`` rows hold, fewer on a CPU where the pass's largest layer output would
+    outgrow :data:`CPU_PASS_BYTES`; at least one."""
+    per_pass = max(1, batch_size // samples)
+    if per_pass == 1 or torch.device(device).type != "cpu":
+        return per_pass
+    rows = CPU_PASS_BYTES // max(1, largest_output_bytes(classifier, inputs))
+    return max(1, min(per_pass, rows // samples))
+
+
 @torch.no_grad()
 def mc_dropout_probabilities(
     classifier: Classifier,
@@ -230,19 +272,21 @@ def mc_dropout_probabilities(
     """Softmax of ``samples`` stochastic passes, shape (samples, N, K).
 
     Batched: each chunk of inputs is repeated ``samples`` times and sent through the
-    network in one forward pass, so dropout masks differ per copy. The inputs move to
-    ``device`` once and the probabilities come back in one copy.
+    network in one forward pass (:func:`inputs_per_pass` inputs: ``batch_size`` rows, fewer
+    on a CPU for large activations), so dropout masks differ per copy. The inputs
+    move to ``device`` once and the probabilities come back in one copy.
     """
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    if torch.device(device).type == "cuda":
-        torch.cuda.manual_seed_all(seed)
     was_training = classifier.training
-    enable_mc_dropout(classifier)
     try:
         settings = compute()
         placed = settings.place(inputs, device)
-        per_chunk = max(1, batch_size // samples)
+        with settings.autocast(device):
+            per_chunk = inputs_per_pass(classifier, placed, samples, batch_size, device)
+        torch.manual_seed(seed)
+        if torch.device(device).type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        enable_mc_dropout(classifier)
         outputs = []
         for start in range(0, len(placed), per_chunk):
             chunk = placed[start:start + per_chunk]

@@ -11,9 +11,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from pipeline.baselines import (
+    CPU_PASS_BYTES,
     SCORERS,
     ScoringContext,
     fit_temperature,
+    inputs_per_pass,
+    largest_output_bytes,
     mc_dropout,
     mc_dropout_mutual_information,
     mc_dropout_probabilities,
@@ -24,7 +27,7 @@ from pipeline.baselines import (
     temperature_nll,
 )
 from pipeline.methods import CHALLENGERS, METHOD_LABELS, ORACLES, ordered_methods
-from pipeline.models import MLP
+from pipeline.models import MLP, SmallConvNetMNIST
 
 
 def _context(logits: np.ndarray, labels: np.ndarray, **kwargs) -> ScoringContext:
@@ -345,7 +348,8 @@ def test_mc_dropout_small_batches_split_into_many_chunks() -> None:
         probs = mc_dropout_probabilities(clf, _inputs(), samples=8, batch_size=16, seed=0)
     finally:
         handle.remove()
-    assert len(calls) == 13 and max(calls) <= 16
+    probe, *passes = calls  # the first: one row, to size the passes (inputs_per_pass)
+    assert probe == 1 and len(passes) == 13 and max(passes) <= 16
     assert probs.shape == (8, 25, 3)
     assert torch.all(probs >= 0)
     torch.testing.assert_close(probs.sum(-1), torch.ones(8, 25))
@@ -353,6 +357,34 @@ def test_mc_dropout_small_batches_split_into_many_chunks() -> None:
     tiny = mc_dropout_probabilities(clf, _inputs(5), samples=8, batch_size=3, seed=0)
     assert tiny.shape == (8, 5, 3)
     torch.testing.assert_close(tiny.sum(-1), torch.ones(8, 5))
+
+
+# SmallConvNet's largest layer output for one 1x28x28 image: conv2's 64 x 24 x 24 floats
+SMALLCONV_ROW_BYTES = 64 * 24 * 24 * 4
+
+
+def test_largest_output_bytes_of_one_row() -> None:
+    conv = SmallConvNetMNIST((1, 28, 28), 10).train()
+    assert largest_output_bytes(conv, torch.zeros(3, 1, 28, 28)) == SMALLCONV_ROW_BYTES
+    assert conv.training  # the probe runs in eval mode and gives the mode back
+    assert largest_output_bytes(_mlp(), _inputs()) == 32 * 4  # the hidden layer
+
+
+def test_mc_dropout_passes_on_a_cpu_stay_under_the_activation_budget() -> None:
+    """4,096 rows of SmallConvNet's activations would outgrow a CPU's caches; on a CPU the
+    pass holds as many inputs as CPU_PASS_BYTES allows, on a GPU as many as batch_size."""
+    conv, images = SmallConvNetMNIST((1, 28, 28), 10), torch.zeros(10, 1, 28, 28)
+    per_pass = inputs_per_pass(conv, images, samples=50, batch_size=4096, device="cpu")
+    assert per_pass == CPU_PASS_BYTES // SMALLCONV_ROW_BYTES // 50 < 4096 // 50
+    assert inputs_per_pass(conv, images, 50, 4096, device="cuda") == 4096 // 50
+    assert inputs_per_pass(_mlp(), _inputs(), 50, 4096, device="cpu") == 4096 // 50
+    # the same passes as asking for that many rows
+    torch.manual_seed(0)
+    small = SmallConvNetMNIST((1, 28, 28), 10)
+    budgeted = mc_dropout_probabilities(small, images, samples=50, batch_size=4096, seed=3)
+    asked = mc_dropout_probabilities(small, images, samples=50, batch_size=50 * per_pass,
+                                     seed=3)
+    assert torch.equal(budgeted, asked)
 
 
 def test_mc_dropout_is_stochastic() -> None:
@@ -487,7 +519,8 @@ def test_mc_dropout_scorers_share_one_set_of_passes() -> None:
         SCORERS["mc_dropout"](ctx)
     finally:
         handle.remove()
-    assert sum(calls) == 7 * 10, calls  # each input went through 7 passes, once
+    probe, *passes = calls  # one row, to size the passes (inputs_per_pass)
+    assert probe == 1 and sum(passes) == 7 * 10, calls  # each input: 7 passes, once
     # the same passes whichever scorer runs first
     fresh = _mc_context(clf, x)
     np.testing.assert_array_equal(SCORERS["mc_dropout_mutual_information"](fresh), mi_scores)
