@@ -3,8 +3,9 @@
 Batched is ``pipeline.baselines.mc_dropout_probabilities``: each chunk of
 ``batch_size // samples`` inputs is repeated ``samples`` times and sent through the network
 in one forward pass (batch of ``batch_size`` rows; on a CPU fewer, so that the pass's
-largest layer output stays under ``CPU_PASS_BYTES``: SmallConvNet's and VGG16's). The loop is what one would write
-first: ``samples`` times, the whole input in chunks of ``batch_size`` rows, one pass each.
+largest layer output stays under ``CPU_PASS_BYTES``: SmallConvNet's and VGG16's). The loop
+is what one would write first: ``samples`` times, the whole input in chunks of
+``batch_size`` rows, one pass each.
 Both run the same FLOPs with the same dropout-on, batch-norm-eval model; the difference is
 how many rows each forward pass has and how often the weights are read.
 
