@@ -83,7 +83,7 @@ def main() -> None:
     for loop in loops:
         loop.run()  # warm-up
         share_rows.append([loop.name, *shares(loop.run)])
-        flops, calls, _ = training_floor.count(loop.run)
+        flops, calls = training_floor.count(loop.run)
         floor, chain_flops = training_floor.chain(calls)
         assert chain_flops == flops, "not an MLP setting: its floor is not a matmul chain"
         best = dict.fromkeys([*VARIANTS, "floor"], float("inf"))

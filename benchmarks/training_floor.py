@@ -73,48 +73,8 @@ GOALS = {"mlp": 1.3}  # anything else (the convnets): 2.0
 GEMM_SIZE = 1024
 
 aten = torch.ops.aten
-Layout = tuple[tuple[int, ...], bool]  # (shape, transposed view)
-
-
-def layout(t: torch.Tensor) -> Layout:
-    return tuple(t.shape), t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1
-
-
-class MatmulRecorder(TorchDispatchMode):
-    """Records the operands' layouts of every matrix product that runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[Layout, Layout]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        if func is aten.mm.default:
-            self.calls.append((layout(args[0]), layout(args[1])))
-        elif func is aten.addmm.default:
-            self.calls.append((layout(args[1]), layout(args[2])))
-        return func(*args, **(kwargs or {}))
-
-
-def chain(calls: list[tuple[Layout, Layout]]) -> tuple[Callable[[], None], int]:
-    """A replay of ``calls`` with ``torch.mm`` on random operands of the same layouts, and
-    its FLOPs."""
-    cache: dict[Layout, torch.Tensor] = {}
-
-    def operand(spec: Layout) -> torch.Tensor:
-        if spec not in cache:
-            shape, transposed = spec
-            cache[spec] = torch.randn(shape[::-1]).t() if transposed else torch.randn(shape)
-        return cache[spec]
-
-    pairs = [(operand(a), operand(b)) for a, b in calls]
-    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
-
-    def run() -> None:
-        for a, b in pairs:
-            torch.mm(a, b)
-
-    return run, flops
+# the operands' positions in the matrix products' arguments
+MATMULS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2)}
 
 
 @dataclass(frozen=True)
@@ -123,17 +83,19 @@ class TensorSpec:
     stride: tuple[int, ...]
 
 
+Call = tuple[Any, tuple[Any, ...]]  # an op and its arguments, tensors as TensorSpec
+
+
 class KernelRecorder(TorchDispatchMode):
     """Records every convolution (forward and backward) and matrix product that runs: the
     op and its arguments, tensors as (shape, strides), so that a replay has the same
     memory formats (channels-last, transposed views)."""
 
-    KERNELS = (aten.convolution.default, aten.convolution_backward.default,
-               aten.mm.default, aten.addmm.default)
+    KERNELS = (aten.convolution.default, aten.convolution_backward.default, *MATMULS)
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+        self.calls: list[Call] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -145,19 +107,35 @@ class KernelRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def kernel_chain(calls: list[tuple[Any, tuple[Any, ...]]]) -> Callable[[], None]:
-    """A replay of ``calls`` (:class:`KernelRecorder`) on random tensors of the same shapes
-    and strides: what the loop's convolutions and matrix products cost alone, in the
-    kernels the library picks for those shapes."""
+def random_like(spec: TensorSpec, cache: dict[TensorSpec, torch.Tensor]) -> torch.Tensor:
+    """A random tensor of ``spec``'s shape and strides, one per spec in ``cache``."""
+    if spec not in cache:
+        size = 1 + sum((n - 1) * s for n, s in zip(spec.shape, spec.stride, strict=True))
+        cache[spec] = torch.randn(size).as_strided(spec.shape, spec.stride)
+    return cache[spec]
+
+
+def chain(calls: list[Call]) -> tuple[Callable[[], None], int]:
+    """The matrix products of ``calls`` replayed with ``torch.mm`` on random operands of
+    the same layouts, and their FLOPs."""
     cache: dict[TensorSpec, torch.Tensor] = {}
+    pairs = [(random_like(args[i], cache), random_like(args[j], cache))
+             for func, args in calls if func in MATMULS for i, j in [MATMULS[func]]]
+    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs)
 
-    def tensor(spec: TensorSpec) -> torch.Tensor:
-        if spec not in cache:
-            size = 1 + sum((n - 1) * s for n, s in zip(spec.shape, spec.stride, strict=True))
-            cache[spec] = torch.randn(size).as_strided(spec.shape, spec.stride)
-        return cache[spec]
+    def run() -> None:
+        for a, b in pairs:
+            torch.mm(a, b)
 
-    replay = [(func, [tensor(a) if isinstance(a, TensorSpec) else a for a in args])
+    return run, flops
+
+
+def kernel_chain(calls: list[Call]) -> Callable[[], None]:
+    """A replay of ``calls`` on random tensors of the same shapes and strides: what the
+    loop's convolutions and matrix products cost alone, in the kernels the library picks
+    for those shapes."""
+    cache: dict[TensorSpec, torch.Tensor] = {}
+    replay = [(func, [random_like(a, cache) if isinstance(a, TensorSpec) else a for a in args])
               for func, args in calls]
 
     def run() -> None:
@@ -238,14 +216,11 @@ def loops(setting: str, batches: int | None, quick: bool) -> tuple[str, list[Loo
         Loop(f"phase 1, {path} ({subset})", phase1_epoch, n_train / n)]
 
 
-def count(fn: Callable[[], Any]) -> tuple[int, list[tuple[Layout, Layout]],
-                                         list[tuple[Any, tuple[Any, ...]]]]:
-    """FLOPs of one call of ``fn``, the matrix products it ran and every kernel call
-    (:class:`KernelRecorder`)."""
-    with FlopCounterMode(display=False) as flops, MatmulRecorder() as recorder, \
-            KernelRecorder() as kernels:
+def count(fn: Callable[[], Any]) -> tuple[int, list[Call]]:
+    """FLOPs of one call of ``fn`` and every kernel call it made (:class:`KernelRecorder`)."""
+    with FlopCounterMode(display=False) as flops, KernelRecorder() as kernels:
         fn()
-    return flops.get_total_flops(), recorder.calls, kernels.calls
+    return flops.get_total_flops(), kernels.calls
 
 
 def flops_of(fn: Callable[[], Any]) -> int:
@@ -258,10 +233,10 @@ def measure(setting: str, loop: Loop, goal: float, gemm_run: Callable[[], None],
             gemm_flops: int, repeats: int) -> list[str]:
     """One row: ``loop``'s epoch against its floor, and against its own kernels replayed
     alone (:func:`kernel_chain`)."""
-    flops, calls, kernel_calls = count(loop.run)
+    flops, calls = count(loop.run)
     replay, chain_flops = chain(calls)
     matmul_only = chain_flops == flops
-    kernels = kernel_chain(kernel_calls)
+    kernels = kernel_chain(calls)
     assert flops_of(kernels) == flops, "the kernel replay misses FLOPs the loop ran"
     runs: dict[str, Callable[[], Any]] = {"epoch": loop.run, "gemm": gemm_run,
                                           "kernels": kernels}
