@@ -103,6 +103,10 @@ def write_params(project: Path, params: Mapping[str, Any]) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
 
 
+# What a caller's environment may hold that would send a test's stages elsewhere: a tracking
+# URI or switch, DVC's stage variables.
+CALLER_VARIABLES = ("MLFLOW_TRACKING_URI", "CONFIDNET_TRACKING", "DVC_ROOT", "DVC_STAGE",
+                    "DVC_EXP_NAME")
 # For a test that runs stages but reads nothing from MLflow: no tracking process (2 s of
 # CPU per stage) and no store; the stages' outputs are the same bytes (README, "MLflow").
 UNTRACKED = {"CONFIDNET_TRACKING": "off"}
@@ -120,8 +124,7 @@ def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # threads waiting for a descheduled sibling). Nothing these tests check depends on it;
     # benchmarks/speed.py, which times the defaults, leaves it alone.
     env.setdefault("OMP_NUM_THREADS", "1")
-    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME",
-                 "CONFIDNET_TRACKING"):
+    for name in CALLER_VARIABLES:
         env.pop(name, None)
     if extra:
         env.update(extra)
@@ -436,8 +439,7 @@ def isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     from pipeline.tracking import CLIENT_DEFAULTS
 
     monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
-    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME",
-                 "CONFIDNET_TRACKING", *CLIENT_DEFAULTS):
+    for name in (*CALLER_VARIABLES, *CLIENT_DEFAULTS):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("DO_NOT_TRACK", "1")
