@@ -219,9 +219,10 @@ def mcp_temperature(ctx: ScoringContext) -> np.ndarray:
 
 
 # On a CPU, a pass whose layer outputs outgrow the caches runs at memory speed: 4,096 rows
-# of SmallConvNet's activations made the batched passes half as fast as a plain loop
-# (benchmarks/results/mc_dropout.md). There a pass is sized so that its largest layer output
-# stays under this many bytes; on a GPU, ``batch_size`` rows alone bound it.
+# of SmallConvNet's activations made the batched passes half as fast as a plain loop. There
+# a pass is sized so that its largest layer output stays under this many bytes (the fastest
+# of 4 to 128 MiB for SmallConvNet and VGG16: benchmarks/README.md, "MC Dropout passes on a
+# CPU"); on a GPU, ``batch_size`` rows alone bound it.
 CPU_PASS_BYTES = 32 * 2**20
 
 
