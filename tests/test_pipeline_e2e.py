@@ -69,6 +69,7 @@ class Command:
     finished: float
     evaluation: dict[str, Any] | None
     headline: dict[str, Any] | None
+    tracked: bool = True
 
 
 @dataclass
@@ -88,12 +89,13 @@ def output_of(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def dvc(project: Path, label: str, args: Sequence[str], *,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a DVC command in the shared project and record what it did."""
+def dvc(project: Path, label: str, args: Sequence[str], *, check: bool = True,
+        tracked: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a DVC command in the shared project (its stages untracked unless ``tracked``)
+    and record what it did."""
     head = git_head(project)
     started = time.time()
-    proc = run(project, args, check=check)
+    proc = run(project, args, check=check, env=None if tracked else UNTRACKED)
     finished = time.time()
     out = output_of(proc)
     names = EXP_NAME.findall(out)
@@ -103,7 +105,7 @@ def dvc(project: Path, label: str, args: Sequence[str], *,
         label=label, args=list(args), stages=RUNNING.findall(out),
         exp_name=names[-1] if names else None, head=head, started=started,
         finished=finished, evaluation=read_json(evaluation) if evaluation.exists() else None,
-        headline=read_json(headline) if headline.exists() else None,
+        headline=read_json(headline) if headline.exists() else None, tracked=tracked,
     ))
     assert git_head(project) == head, f"`{' '.join(args)}` moved HEAD"
     return proc
@@ -122,13 +124,14 @@ def reset_to_baseline(project: Path) -> None:
     run(project, ["dvc", "checkout", "--force"])
 
 
-def experiment(project: Path, *overrides: str) -> tuple[Command, dict[str, Any]]:
+def experiment(project: Path, *overrides: str,
+               tracked: bool = True) -> tuple[Command, dict[str, Any]]:
     require_baseline()
     reset_to_baseline(project)
     args = ["dvc", "exp", "run"]
     for override in overrides:
         args += ["-S", override]
-    dvc(project, " ".join(overrides), args)
+    dvc(project, " ".join(overrides), args, tracked=tracked)
     command = LEDGER.commands[-1]
     assert command.exp_name, f"no experiment name in the output of `{' '.join(args)}`"
     assert command.evaluation is not None
@@ -238,7 +241,9 @@ def test_confidnet_param_reruns_confidnet_stages_only(project: Path, override: s
 
 def test_seed_change_reruns_every_stage(project: Path) -> None:
     baseline = require_baseline()
-    command, after = experiment(project, "seed=1")
+    # untracked: the experiments above are tracked ones, and this one shows that an
+    # untracked experiment adds no run (test_mlflow_has_one_parent_...)
+    command, after = experiment(project, "seed=1", tracked=False)
     assert sorted(command.stages) == sorted(ALL_STAGES), command.stages
     assert after["methods"]["mcp"] != baseline["methods"]["mcp"]
 
@@ -276,21 +281,26 @@ def test_mlflow_has_one_parent_per_execution_and_one_run_per_stage(project: Path
     import mlflow
 
     require_baseline()
-    assert len(LEDGER.commands) >= 5, "needs the repro and experiment tests first"
+    commands = [c for c in LEDGER.commands if c.tracked]
+    untracked = [c for c in LEDGER.commands if not c.tracked]
+    assert len(commands) >= 4 and untracked, "needs the repro and experiment tests first"
     uri = f"sqlite:///{project / 'mlflow.db'}"
     runs = runs_in(uri)
 
-    executed = Counter(stage for c in LEDGER.commands for stage in c.stages if stage in STAGES)
+    executed = Counter(stage for c in commands for stage in c.stages if stage in STAGES)
     logged = Counter(r.data.tags["dvc_stage"] for r in stage_runs(runs))
     assert logged == executed
     assert set(logged) == set(STAGES)
-    assert len(parents(runs)) == sum(any(s in STAGES for s in c.stages)
-                                     for c in LEDGER.commands)
+    assert len(parents(runs)) == sum(any(s in STAGES for s in c.stages) for c in commands)
+    for command in untracked:  # CONFIDNET_TRACKING=off: its stages ran, and logged nothing
+        assert command.stages, command.label
+        assert not [r for r in runs
+                    if command.started * 1000 <= r.info.start_time <= command.finished * 1000]
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     epochs = FAST_OVERRIDES["classifier"]["epochs"]
     shown = experiments_shown(project)
-    for command in LEDGER.commands:
+    for command in commands:
         # a run belongs to the command during which it started
         mine = [r for r in runs
                 if command.started * 1000 <= r.info.start_time <= command.finished * 1000]
