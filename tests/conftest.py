@@ -110,6 +110,9 @@ CALLER_VARIABLES = ("MLFLOW_TRACKING_URI", "CONFIDNET_TRACKING", "DVC_ROOT", "DV
 # For a test that runs stages but reads nothing from MLflow: no tracking process (2 s of
 # CPU per stage) and no store; the stages' outputs are the same bytes (README, "MLflow").
 UNTRACKED = {"CONFIDNET_TRACKING": "off"}
+# For a test's `mlflow server`: without MLflow 3's job runner (GenAI jobs; a huey consumer
+# of its own, about 2.5 s of CPU to start), which the pipeline never submits to.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import (
+    MLFLOW_SERVER_ENV,
     REPO,
     STAGES,
     Reproduced,
@@ -806,8 +807,8 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"],
-        cwd=tmp_path, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        cwd=tmp_path, env=subprocess_env(MLFLOW_SERVER_ENV), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    MLFLOW_SERVER_ENV,
     STAGES,
     experiment_output,
     experiments_shown,
@@ -96,9 +97,8 @@ class TrackingServer:
         self.starts += 1
         log = self.workdir / f"server-{self.starts}.log"
         # Its own session: `mlflow server` runs uvicorn as a child, and stop() ends the
-        # whole group. The job runner (MLflow 3's GenAI jobs, a dozen processes) is off:
-        # the pipeline submits no jobs.
-        env = subprocess_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        # whole group. No job runner (conftest.MLFLOW_SERVER_ENV).
+        env = subprocess_env(MLFLOW_SERVER_ENV)
         with log.open("wb") as log_file:
             self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=env,
                                          stdin=subprocess.DEVNULL, stdout=log_file,
