@@ -38,7 +38,7 @@ SHAPES: dict[str, tuple[int, tuple[int, int, int], int, int]] = {
     "mnist": (10, (1, 28, 28), 60, 20),
     "svhn": (10, (3, 32, 32), 60, 20),
     "cifar10": (10, (3, 32, 32), 50, 20),
-    "cifar100": (100, (3, 32, 32), 150, 100),
+    "cifar100": (100, (3, 32, 32), 300, 100),
 }
 NAMES = tuple(SHAPES)
 
