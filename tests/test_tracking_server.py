@@ -47,10 +47,9 @@ from pipeline.tracking import PARENT_TAG, REPLAY_KEY, finite, record_key
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 
-# The overrides of test_parallel_experiments: each reruns train_confidnet onwards; the
-# stages before are shared through DVC's run cache.
-# Three: two run at once (both may compute a stage they share), the third takes the shared
-# stages from DVC's run cache. Each loss's own code is test_learning_scheme's.
+# The overrides of test_parallel_experiments: each reruns train_confidnet onwards. Two run
+# at once (both may compute a stage before it), the third takes those from DVC's run cache.
+# Each loss's own code is test_learning_scheme's.
 OVERRIDES = ("loss=bce", "loss=focal", "criterion=tcp_r")
 QUEUE_TIMEOUT_S = 3000  # a bound for a busy two-core machine, not a timing assertion
 RAN = re.compile(r"Running stage '([^']+)'")
