@@ -223,12 +223,6 @@ def count(fn: Callable[[], Any]) -> tuple[int, list[Call]]:
     return flops.get_total_flops(), kernels.calls
 
 
-def flops_of(fn: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as flops:
-        fn()
-    return flops.get_total_flops()
-
-
 def measure(setting: str, loop: Loop, goal: float, gemm_run: Callable[[], None],
             gemm_flops: int, repeats: int) -> list[str]:
     """One row: ``loop``'s epoch against its floor, and against its own kernels replayed
@@ -237,7 +231,7 @@ def measure(setting: str, loop: Loop, goal: float, gemm_run: Callable[[], None],
     replay, chain_flops = chain(calls)
     matmul_only = chain_flops == flops
     kernels = kernel_chain(calls)
-    assert flops_of(kernels) == flops, "the kernel replay misses FLOPs the loop ran"
+    assert count(kernels)[0] == flops, "the kernel replay misses FLOPs the loop ran"
     runs: dict[str, Callable[[], Any]] = {"epoch": loop.run, "gemm": gemm_run,
                                           "kernels": kernels}
     if matmul_only:

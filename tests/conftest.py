@@ -113,6 +113,11 @@ UNTRACKED = {"CONFIDNET_TRACKING": "off"}
 # For a test's `mlflow server`: without MLflow 3's job runner (GenAI jobs; a huey consumer
 # of its own, about 2.5 s of CPU to start), which the pipeline never submits to.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+# The queued experiments of test_parallel_experiments and test_tracking_server, each a
+# `key=value` that reruns train_confidnet onwards. Three, two at a time: two run at once
+# (both may compute a stage before train_confidnet), the third takes those from DVC's run
+# cache. Each loss's own code is test_learning_scheme's.
+QUEUED_OVERRIDES = ("loss=bce", "loss=focal", "criterion=tcp_r")
 
 
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -471,7 +476,8 @@ def run_queue(project: Path, names: set[str], jobs: int, timeout_s: float,
 
     The workers inherit the command's standard streams, so reading them to their end is the
     wait, with no `dvc queue status` polling (each call is a DVC process, about 0.5 s of
-    CPU). A worker shuts down 10 s after the queue empties (DVC's TemporaryWorker); after
+    CPU). A worker shuts down within 10 s of the queue emptying (DVC's TemporaryWorker looks
+    every 10 s); after
     ``timeout_s`` the queue is killed and the test fails."""
     try:
         proc = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project,

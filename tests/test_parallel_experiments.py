@@ -13,13 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Baseline, experiments_shown, run, run_queue
+from conftest import QUEUED_OVERRIDES, Baseline, experiments_shown, run, run_queue
 
 pytestmark = pytest.mark.slow
 
-# two at once (the race), then the third; each loss's own code is test_learning_scheme's
-OVERRIDES = {"loss=bce": ("loss", "bce"), "loss=focal": ("loss", "focal"),
-             "criterion=tcp_r": ("criterion", "tcp_r")}
 MUST_RUN = ("train_confidnet", "finetune", "evaluate", "report")  # what each override reruns
 TIMEOUT_S = 2400  # a stall guard: other pytest-xdist workers share the cores with this queue
 
@@ -33,7 +30,7 @@ def test_three_queued_experiments_two_at_a_time(baseline: Baseline, tmp_path: Pa
     (project / "mlflow.db").unlink()
     shutil.rmtree(project / "mlruns", ignore_errors=True)
     names: dict[str, str] = {}
-    for override in OVERRIDES:
+    for override in QUEUED_OVERRIDES:
         out = run(project, ["dvc", "exp", "run", "--queue", "-S", override]).stdout
         match = re.search(r"Queued experiment '([\w.-]+)'", out)
         assert match, out
@@ -64,7 +61,7 @@ def test_three_queued_experiments_two_at_a_time(baseline: Baseline, tmp_path: Pa
     assert {r.data.tags.get("dvc_exp_name") for r in runs} == set(names)
 
     for name, override in names.items():
-        key, value = OVERRIDES[override]
+        key, value = override.split("=")
         data = shown[name]
         assert data["params"]["params.yaml"]["data"][key] == value, name
         headline = data["metrics"]["metrics/headline.json"]["data"]

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from conftest import (
     MLFLOW_SERVER_ENV,
+    QUEUED_OVERRIDES,
     STAGES,
     experiment_output,
     experiments_shown,
@@ -47,10 +48,6 @@ from pipeline.tracking import PARENT_TAG, REPLAY_KEY, finite, record_key
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 
-# The overrides of test_parallel_experiments: each reruns train_confidnet onwards. Two run
-# at once (both may compute a stage before it), the third takes those from DVC's run cache.
-# Each loss's own code is test_learning_scheme's.
-OVERRIDES = ("loss=bce", "loss=focal", "criterion=tcp_r")
 QUEUE_TIMEOUT_S = 3000  # a bound for a busy two-core machine, not a timing assertion
 RAN = re.compile(r"Running stage '([^']+)'")
 EXPERIMENT = "confidnet"  # tracking.experiment in params.yaml
@@ -263,7 +260,7 @@ def test_three_queued_experiments_log_complete_runs_to_the_server(
     env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
     names: dict[str, str] = {}
-    for override in OVERRIDES:
+    for override in QUEUED_OVERRIDES:
         out = run(project, ["dvc", "exp", "run", "--queue", "-S", override], env=env).stdout
         match = re.search(r"Queued experiment '([\w.-]+)'", out)
         assert match, out
