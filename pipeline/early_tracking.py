@@ -1,5 +1,6 @@
 """Imported first by every tracked stage (``stages/*.py``), before its other imports: under
-DVC it starts the stage's tracking process at once
+DVC it hands the stage to a warm interpreter where it can (:mod:`pipeline.warm`), then
+starts the stage's tracking process at once
 (:func:`pipeline.tracking.start_tracking_early`), so that MLflow's imports, most of that
 process's work, run on another core while the stage imports torch and loads its inputs,
 instead of competing with its first epochs. Outside DVC (``DVC_STAGE`` unset: a test, a
@@ -9,10 +10,17 @@ the stage reports: :func:`pipeline.stage.run_stage`), it does nothing."""
 
 from __future__ import annotations
 
-import os
+# Before anything else: under DVC, this stage may run in a warm interpreter that has
+# imported torch and MLflow already (pipeline.warm); this process then only waits for it.
+from pipeline.warm import run_in_warm_interpreter
 
-from pipeline.artifacts import TRACKED_STAGES
-from pipeline.tracking import start_tracking_early, tracking_enabled
+run_in_warm_interpreter()
+
+# isort: split
+import os  # noqa: E402
+
+from pipeline.artifacts import TRACKED_STAGES  # noqa: E402
+from pipeline.tracking import start_tracking_early, tracking_enabled  # noqa: E402
 
 
 def _tracking_wanted() -> bool:

@@ -22,6 +22,7 @@ from pipeline.errors import DataError, ParamsError
 from pipeline.io import atomic_write_json
 from pipeline.runtime import check_device, resolve_device, seed_everything, seed_host
 from pipeline.tracking import StageRun, stage_run, tracking_enabled
+from pipeline.warm import check_setting as check_warm_setting
 
 PARAMS = Path("params.yaml")
 StageBody = Callable[[dict[str, Any], StageRun], None]
@@ -72,12 +73,13 @@ def missing_inputs_message(stage: str) -> str | None:
 
 def run_stage(name: str, body: StageBody, distributed: bool = False,
               uses_torch: bool = True) -> None:
-    """Validate ``params.yaml`` and ``CONFIDNET_TRACKING``, and check that the stage's
-    inputs exist (before any work and before any MLflow run), seed, run ``body`` inside an
-    MLflow run (unless tracking is off), then write ``runs/<name>.json``: what it logged,
-    which ``python -m pipeline.replay`` replays. Bad params, a bad ``CONFIDNET_TRACKING``
-    and missing inputs exit with status 2 and one message; so does a dataset that
-    fails its checks (:class:`DataError`), after the MLflow run is marked FAILED.
+    """Validate ``params.yaml``, ``CONFIDNET_TRACKING`` and ``CONFIDNET_WARM``, and check
+    that the stage's inputs exist (before any work and before any MLflow run), seed, run
+    ``body`` inside an MLflow run (unless tracking is off), then write
+    ``runs/<name>.json``: what it logged, which ``python -m pipeline.replay`` replays. Bad
+    params, a bad ``CONFIDNET_TRACKING`` or ``CONFIDNET_WARM`` and missing inputs exit
+    with status 2 and one message; so does a dataset that fails its checks
+    (:class:`DataError`), after the MLflow run is marked FAILED.
 
     A ``distributed`` (training) stage with ``nproc_per_node`` > 1 starts itself again
     under torchrun; under torchrun it joins the process group, and processes other than 0
@@ -93,6 +95,7 @@ def run_stage(name: str, body: StageBody, distributed: bool = False,
     device = resolve_device(params["device"]) if uses_torch else None
     try:
         tracking_enabled()
+        check_warm_setting()
     except ValueError as error:
         _stop(error)
     missing = missing_inputs_message(name)

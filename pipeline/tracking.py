@@ -765,6 +765,9 @@ def main() -> None:
     """``python -m pipeline.tracking``, started by :class:`StageRun`: messages on stdin,
     answers on stdout. Anything else that writes to stdout (MLflow, a library) goes to
     stderr instead, with the stage's own messages."""
+    from pipeline.warm import run_in_warm_interpreter
+
+    run_in_warm_interpreter()  # under DVC, in a process that has imported MLflow already
     # Ctrl-C reaches the whole process group: the stage ends its run FAILED, which this
     # process must stay alive to log.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

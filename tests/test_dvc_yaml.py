@@ -25,7 +25,7 @@ STAGES = dvcfile.stages(REPO / "dvc.yaml")
 # models, training, scoring, metrics, reporting), so a stage's deps stay what it uses.
 PLUMBING = {"pipeline.stage", "pipeline.config", "pipeline.errors", "pipeline.runtime",
             "pipeline.io", "pipeline.artifacts", "pipeline.tracking", "pipeline.registry",
-            "pipeline.dvcfile", "pipeline.settings", "pipeline.distributed"}
+            "pipeline.dvcfile", "pipeline.settings", "pipeline.distributed", "pipeline.warm"}
 
 
 def module_path(name: str) -> Path | None:
