@@ -40,11 +40,13 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -108,9 +110,23 @@ def server_key(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
 
 def socket_path(environ: dict[str, str] | os._Environ[str] = os.environ,
                 folder: Path | None = None) -> Path:
-    """The server's socket, in ``folder`` (the temporary folder by default)."""
+    """The server's socket, in this user's folder ``confidnet-warm-<uid>`` of ``folder``
+    (the temporary folder by default)."""
     folder = Path(tempfile.gettempdir()) if folder is None else folder
-    return folder / f"confidnet-warm-{os.getuid()}-{server_key(environ)}"
+    return folder / f"confidnet-warm-{os.getuid()}" / server_key(environ)
+
+
+def private_folder(path: Path) -> bool:
+    """Make the socket's folder, readable by this user only, and check that it is: a
+    socket anyone could replace would receive the stage's environment and streams."""
+    with contextlib.suppress(FileExistsError, OSError):
+        path.parent.mkdir(mode=0o700)
+    try:
+        found = path.parent.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid()
+            and not found.st_mode & 0o077)
 
 
 # ----------------------------------------------------------------------------- the client
@@ -126,6 +142,8 @@ def run_in_warm_interpreter() -> None:
     if spec is None or not spec.name:  # only `python -m <module>` is handed over
         return
     path = socket_path()
+    if not private_folder(path):
+        return
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))
@@ -202,6 +220,8 @@ def _start_server(path: Path) -> None:
 def serve(path: Path, idle_seconds: float = IDLE_SECONDS) -> None:
     """``python -m pipeline.warm <socket>``: preload, then fork a copy per request until
     ``idle_seconds`` pass without one. One server per socket: a second exits at once."""
+    if not private_folder(path):
+        return
     lock = Path(f"{path}.lock").open("w")  # noqa: SIM115  held for the server's life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -244,8 +264,8 @@ def serve(path: Path, idle_seconds: float = IDLE_SECONDS) -> None:
                 break
             if pid == 0:
                 break
-            conn = copies.pop(pid, None)
-            if conn is not None:
+            if pid in copies:
+                conn = copies.pop(pid)
                 with contextlib.suppress(OSError):
                     conn.sendall(_STATUS.pack(status))
                 conn.close()
@@ -274,6 +294,7 @@ def _fork_copy(conn: socket.socket, closing: list[Any], wakeup: tuple[int, int],
             os.close(fd)
         conn.close()
         return 0
+    _flush()  # nothing buffered in the server is written twice
     pid = os.fork()
     if pid == 0:
         selector.close()
@@ -308,13 +329,13 @@ def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoR
         os.environ[_CHILD] = str(os.getpid())
         sys.path[:] = request["path"]
         sys.argv = ["-m", *request["argv"]]
+        # The same stream objects (loggers set up at import hold them), now on the
+        # client's descriptors, buffered as a new interpreter's would be.
         unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115
-        sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
-        if unbuffered:
-            sys.stdout.reconfigure(write_through=True)
-        sys.stderr.reconfigure(errors="backslashreplace")
+        for stream, line_buffering in ((sys.stdout, os.isatty(1)), (sys.stderr, True)):
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(line_buffering=line_buffering, write_through=unbuffered)
+        _reseed()
         for name in [m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages")]:
             del sys.modules[name]
 
@@ -348,6 +369,19 @@ def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoR
     atexit._run_exitfuncs()
     _flush()
     os._exit(code)
+
+
+def _reseed() -> None:
+    """Fresh entropy for the generators that a new interpreter seeds from the OS
+    (Python's, numpy's and torch's default ones): every copy would otherwise start from
+    the server's state. The stages seed their own (``params.yaml``'s ``seed``)."""
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
 
 
 def _flush() -> None:

@@ -23,13 +23,19 @@ from pipeline.warm import run_in_warm_interpreter
 
 run_in_warm_interpreter()
 
-import json, os, sys, time
+import json, os, random, sys, time
 
 print(json.dumps({"pid": os.getpid(), "torch_preloaded": "torch" in sys.modules,
+                  "random": random.random(),
                   "argv": sys.argv, "cwd": os.getcwd(), "probe": os.environ.get("PROBE"),
                   "stdin": sys.stdin.read() if os.environ.get("PROBE_STDIN") else None,
                   "umask": os.umask(0o22)}), flush=True)
 sys.stderr.write("to stderr\\n")
+if os.environ.get("PROBE_EXEC"):
+    import contextlib, io
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(os.environ["PROBE_EXEC"])
+    print(json.dumps({"exec": out.getvalue()}))
 if os.environ.get("PROBE_SLEEP"):
     time.sleep(float(os.environ["PROBE_SLEEP"]))
 if os.environ.get("PROBE_RAISE"):
@@ -69,7 +75,10 @@ def probe(folder: Path, *args: str, stdin: str = "", **extra: str
     proc = start_probe(folder, *args, **extra)
     out, err = proc.communicate(stdin, timeout=120)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done, json.loads(out.splitlines()[0])
+    seen: dict[str, Any] = {}
+    for line in out.splitlines():
+        seen.update(json.loads(line))
+    return done, seen
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +105,17 @@ def test_a_copy_runs_the_module_with_the_clients_process_state(warm: Path) -> No
     assert seen["probe"] == "here" and seen["stdin"] == "what the stage reads"
     assert err == "to stderr\n"
     assert seen["umask"] == 0o027
+
+
+def test_each_copy_draws_fresh_entropy_as_a_new_interpreter_would(warm: Path) -> None:
+    code = ("import numpy, torch; print(numpy.random.random(), torch.rand(1).item(), "
+            "torch.initial_seed())")
+    draws = []
+    for _ in range(2):
+        _, seen = probe(warm, PROBE_EXEC=code)
+        assert seen["torch_preloaded"]
+        draws.append((seen["random"], seen["exec"]))
+    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1], draws
 
 
 def test_exit_statuses_are_the_clients(warm: Path) -> None:
