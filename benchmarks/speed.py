@@ -80,6 +80,10 @@ def measure(repo: Path, ref: str, keep: bool) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="confidnet-speed-"))
     project = workdir / "project"
     env = environment()
+    # A temporary folder of its own: no warm interpreter (pipeline.warm) of an earlier run
+    # serves this one; its first stage starts one, as on a fresh machine.
+    env["TMPDIR"] = str(workdir / "tmp")
+    (workdir / "tmp").mkdir()
     try:
         subprocess.run(["git", "clone", "--quiet", "--no-checkout", str(repo), str(project)],
                        check=True)
@@ -90,6 +94,7 @@ def measure(repo: Path, ref: str, keep: bool) -> dict[str, Any]:
         focal, focal_stages = timed(["dvc", "exp", "run", "-S", "loss=focal"], project, env)
         load_after = os.getloadavg()
     finally:
+        subprocess.run(["pkill", "-f", f"pipeline.warm {workdir}"], check=False)
         if keep:
             print(f"kept {project}")
         else:
@@ -106,6 +111,8 @@ def measure(repo: Path, ref: str, keep: bool) -> dict[str, Any]:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in load_after],
             "omp_num_threads": env.get("OMP_NUM_THREADS"),
+            "confidnet_warm": env.get("CONFIDNET_WARM", "on"),
+            "confidnet_tracking": env.get("CONFIDNET_TRACKING", "on"),
         },
     }
 

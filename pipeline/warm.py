@@ -217,9 +217,11 @@ def _start_server(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the server
 
-def serve(path: Path, idle_seconds: float = IDLE_SECONDS) -> None:
-    """``python -m pipeline.warm <socket>``: preload, then fork a copy per request until
-    ``idle_seconds`` pass without one. One server per socket: a second exits at once."""
+def serve(path: Path, idle_seconds: float = IDLE_SECONDS,
+          preload: tuple[str, ...] = PRELOAD) -> None:
+    """``python -m pipeline.warm <socket>``: import ``preload``, then fork a copy per
+    request until ``idle_seconds`` pass without one. One server per socket: a second
+    exits at once."""
     if not private_folder(path):
         return
     lock = Path(f"{path}.lock").open("w")  # noqa: SIM115  held for the server's life
@@ -227,7 +229,7 @@ def serve(path: Path, idle_seconds: float = IDLE_SECONDS) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return
-    for name in PRELOAD:
+    for name in preload:
         with contextlib.suppress(ImportError):
             __import__(name)
     with contextlib.suppress(FileNotFoundError):

@@ -114,9 +114,10 @@ UNTRACKED = {"CONFIDNET_TRACKING": "off"}
 # of its own, about 2.5 s of CPU to start), which the pipeline never submits to.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 # The queued experiments of test_parallel_experiments and test_tracking_server, each a
-# `key=value` that reruns train_confidnet onwards. Three, two at a time: two run at once
-# (both may compute a stage before train_confidnet), the third takes those from DVC's run
-# cache. Each loss's own code is test_learning_scheme's.
+# `key=value` that reruns train_confidnet onwards. test_tracking_server queues the three,
+# two at a time: two run at once (both may compute a stage before train_confidnet), the
+# third takes those from DVC's run cache; test_parallel_experiments the first two (at
+# once). Each loss's own code is test_learning_scheme's.
 QUEUED_OVERRIDES = ("loss=bce", "loss=focal", "criterion=tcp_r")
 
 
@@ -265,10 +266,12 @@ def pytest_configure(config: pytest.Config) -> None:
 # The longest modules first (tests/README.md has the figures): pytest-xdist's `--dist
 # loadfile` hands out whole modules in collection order, so a long one that comes last
 # (alphabetically) would run alone at the end while the other workers sit idle.
-LONGEST_FIRST = ("test_settings_e2e.py", "test_pipeline_e2e.py", "test_camvid_e2e.py",
-                 "test_tracking_server.py", "test_determinism.py", "test_scaleout.py",
-                 "test_parallel_experiments.py", "test_fresh_clone.py", "test_tracking.py",
-                 "test_camvid.py", "test_benchmarks.py")
+LONGEST_FIRST = ("test_tracking_server.py", "test_tracking.py", "test_pipeline_e2e.py",
+                 "test_settings_e2e.py", "test_scaleout.py", "test_parallel_experiments.py",
+                 "test_table1.py", "test_gpu_check.py", "test_ddp.py", "test_benchmarks.py",
+                 "test_checkpoint.py", "test_camvid_e2e.py", "test_aggregate.py",
+                 "test_measured.py", "test_fresh_clone.py", "test_determinism.py",
+                 "test_warm.py", "test_image_datasets.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

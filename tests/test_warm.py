@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.warm import ENV, check_setting, enabled, socket_path
+from pipeline.warm import ENV, check_setting, enabled, private_folder, socket_path
 
 PROBE = '''
 from pipeline.warm import run_in_warm_interpreter
@@ -173,9 +173,25 @@ def test_a_bad_setting_names_the_valid_values() -> None:
 
 
 def test_the_server_exits_when_idle(tmp_path: Path) -> None:
-    path = tmp_path / "idle.sock"
-    subprocess.run(
+    (tmp_path / "private").mkdir(mode=0o700)
+    path = tmp_path / "private" / "idle.sock"
+    server = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from pipeline.warm import serve; serve(Path(sys.argv[1]), 0.5)", str(path)],
-        check=True, timeout=120)
-    assert not path.exists()  # its socket removed
+         "from pipeline.warm import serve; serve(Path(sys.argv[1]), 2.0, ())", str(path)])
+    deadline = time.monotonic() + 60
+    while not path.exists():  # it listens
+        assert server.poll() is None and time.monotonic() < deadline, "it never listened"
+        time.sleep(0.05)
+    assert server.wait(timeout=60) == 0  # then, with no client, exits
+    assert not path.exists()  # and removes its socket
+
+
+def test_a_socket_folder_others_can_read_is_not_used(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    assert not private_folder(shared / "socket")
+    (tmp_path / "mine").mkdir(mode=0o700)
+    assert private_folder(tmp_path / "mine" / "socket")
+    assert private_folder(tmp_path / "new" / "socket")  # made, readable by its user only
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
