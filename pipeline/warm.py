@@ -243,17 +243,40 @@ def serve(path: Path, idle_seconds: float = IDLE_SECONDS,
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, _stop_serving)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
     copies: dict[int, socket.socket] = {}
+    try:
+        _serve_until_idle([listener, lock], selector, copies, (wake_read, wake_write),
+                          idle_seconds)
+    except SystemExit:  # SIGTERM: the copies go on, and report their ends themselves
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            if path.stat().st_ino == bound:
+                path.unlink()
+        listener.close()
+
+
+def _stop_serving(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _serve_until_idle(held: list[Any], selector: selectors.BaseSelector,
+                      copies: dict[int, socket.socket], wakeup: tuple[int, int],
+                      idle_seconds: float) -> None:
+    """``held``: the listening socket, then what else a copy must close."""
+    listener: socket.socket = held[0]
+    wake_read = wakeup[0]
     last = time.monotonic()
     while copies or time.monotonic() - last < idle_seconds:
         for key, _ in selector.select(timeout=min(idle_seconds, 5.0)):
-            if key.fileobj is listener:
+            if key.fd == listener.fileno():
                 conn, _ = listener.accept()
-                pid = _fork_copy(conn, closing=[listener, lock, *copies.values()],
-                                 wakeup=(wake_read, wake_write), selector=selector)
+                pid = _fork_copy(conn, closing=[*held, *copies.values()], wakeup=wakeup,
+                                 selector=selector)
                 if pid:
                     copies[pid] = conn
             else:
@@ -273,10 +296,6 @@ def serve(path: Path, idle_seconds: float = IDLE_SECONDS,
                 conn.close()
         if copies:
             last = time.monotonic()
-    with contextlib.suppress(OSError):
-        if path.stat().st_ino == bound:
-            path.unlink()
-    listener.close()
 
 
 def _fork_copy(conn: socket.socket, closing: list[Any], wakeup: tuple[int, int],
@@ -299,6 +318,7 @@ def _fork_copy(conn: socket.socket, closing: list[Any], wakeup: tuple[int, int],
     _flush()  # nothing buffered in the server is written twice
     pid = os.fork()
     if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's is to stop serving
         selector.close()
         for item in closing:
             item.close()
@@ -315,7 +335,7 @@ def _fork_copy(conn: socket.socket, closing: list[Any], wakeup: tuple[int, int],
 
 def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
     """In the forked copy: take over the client's process state and run its module."""
-    code = 1
+    ended = [1]  # the exit status, reported by the copy itself (see report)
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -348,18 +368,28 @@ def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoR
             os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Thread(target=orphaned, daemon=True).start()
+
+        def report() -> None:
+            """The last exit function (the first registered): the status goes to the
+            client from here, so that it arrives even if the server is gone; the server
+            reports an end by a signal."""
+            _flush()
+            with contextlib.suppress(OSError):
+                conn.sendall(_STATUS.pack(ended[0] << 8))
+
+        atexit.register(report)
+        ended[0] = 0  # pipeline.stage.end_process exits 0 through the exit functions
         import runpy
 
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-        code = 0
     except SystemExit as stop:
         if stop.code is None:
-            code = 0
+            ended[0] = 0
         elif isinstance(stop.code, int):
-            code = stop.code
+            ended[0] = stop.code & 0xFF
         else:
             sys.stderr.write(f"{stop.code}\n")
-            code = 1
+            ended[0] = 1
     except KeyboardInterrupt:
         traceback.print_exc()
         _flush()
@@ -367,10 +397,10 @@ def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoR
         os.kill(os.getpid(), signal.SIGINT)
     except BaseException:  # noqa: BLE001  the interpreter's own report of it
         traceback.print_exc()
-        code = 1
+        ended[0] = 1
     atexit._run_exitfuncs()
     _flush()
-    os._exit(code)
+    os._exit(ended[0])
 
 
 def _reseed() -> None:

@@ -165,6 +165,23 @@ def test_off_outside_dvc_and_when_turned_off(warm: Path) -> None:
     assert not enabled({"DVC_STAGE": "x", "RANK": "0"})  # torchrun's processes
 
 
+def test_copies_outlive_a_stopped_server_and_report_their_own_ends(warm: Path) -> None:
+    """The last test of the shared server: it stops it."""
+    path = socket_path(probe_env(warm), warm / "tmp")
+    running = [start_probe(warm, PROBE_SLEEP="2", PROBE_EXIT=str(code)) for code in (5, 0)]
+    for proc in running:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["torch_preloaded"]
+    # the oldest: the copies are forks of the server, with its command line
+    [server] = subprocess.run(["pgrep", "-o", "-f", f"pipeline.warm {path}"],
+                              capture_output=True, text=True).stdout.split()
+    os.kill(int(server), signal.SIGTERM)
+    for proc, code in zip(running, (5, 0), strict=True):
+        proc.communicate(timeout=60)
+        assert proc.returncode == code
+    assert not path.exists()  # the stopped server removed its socket
+
+
 def test_a_bad_setting_names_the_valid_values() -> None:
     check_setting({ENV: "off"})
     check_setting({})
