@@ -141,6 +141,11 @@ def run_in_warm_interpreter() -> None:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is None or not spec.name:  # only `python -m <module>` is handed over
         return
+    try:  # the three standard streams are what a copy takes over
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:
+        return
     path = socket_path()
     if not private_folder(path):
         return
@@ -153,13 +158,15 @@ def run_in_warm_interpreter() -> None:
         return
     umask = os.umask(0)
     os.umask(umask)
-    request = json.dumps({"module": spec.name, "argv": sys.argv[1:], "cwd": str(Path.cwd()),
-                          "env": dict(os.environ), "path": sys.path, "umask": umask}).encode()
-    try:
+    try:  # OSError: no working directory to hand over, or the server went away (its idle
+        # exit, a failed fork): nothing was started, an ordinary run
+        request = json.dumps({"module": spec.name, "argv": sys.argv[1:],
+                              "cwd": str(Path.cwd()), "env": dict(os.environ),
+                              "path": sys.path, "umask": umask}).encode()
         socket.send_fds(conn, [_HEADER.pack(len(request))], [0, 1, 2])
         conn.sendall(request)
         pid = _STATUS.unpack(_read_exactly(conn, _STATUS.size))[0]
-    except OSError:  # the server went away (idle exit): nothing was started
+    except OSError:
         conn.close()
         return
     _wait_for_copy(conn, pid)
@@ -316,7 +323,13 @@ def _fork_copy(conn: socket.socket, closing: list[Any], wakeup: tuple[int, int],
         conn.close()
         return 0
     _flush()  # nothing buffered in the server is written twice
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # out of processes or memory: the client runs the ordinary way
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return 0
     if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's is to stop serving
         selector.close()

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -472,26 +473,52 @@ def queue_finished(project: Path, names: set[str]) -> dict[str, str]:
     return {n: statuses[n] for n in names}
 
 
-def run_queue(project: Path, names: set[str], jobs: int, timeout_s: float,
-              env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`dvc queue start -j jobs` in ``project``, returning once its workers have run every
-    queued experiment and shut down: name -> status of ``names`` (:func:`queue_finished`).
+def experiment_refs(project: Path) -> set[str]:
+    """Names of the experiments whose results are in ``project``'s git refs (a git
+    process, not a DVC one)."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=-1)",
+                          "refs/exps"], cwd=project, capture_output=True, text=True,
+                         check=True).stdout
+    return set(out.split())
 
-    The workers inherit the command's standard streams, so reading them to their end is the
-    wait, with no `dvc queue status` polling (each call is a DVC process, about 0.5 s of
-    CPU). A worker shuts down within 10 s of the queue emptying (DVC's TemporaryWorker looks
-    every 10 s); after
-    ``timeout_s`` the queue is killed and the test fails."""
-    try:
-        proc = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project,
-                              env=subprocess_env(env), stdin=subprocess.DEVNULL, text=True,
-                              capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        out = queue_status(project)[1]
-        run(project, ["dvc", "queue", "stop", "--kill"], check=False, env=env)
-        pytest.fail(f"queue not done after {timeout_s} s:\n{out}", pytrace=False)
-    assert proc.returncode == 0, \
-        f"`dvc queue start -j {jobs}` exited {proc.returncode}:\n{proc.stderr}"
+
+def run_queue(project: Path, names: set[str], jobs: int, timeout_s: float,
+              env: Mapping[str, str] | None = None,
+              command: Sequence[str] | None = None) -> dict[str, str]:
+    """`dvc queue start -j jobs` (or ``command``, which starts the queue) in ``project``,
+    returning once every experiment of ``names`` is final: name -> its status
+    (:func:`queue_finished`).
+
+    The queue's workers inherit the command's output, which a thread reads to its end: that
+    end is the workers' exit. Meanwhile one git call every half second looks for the
+    experiments' result refs; once all of them are there, `dvc queue status` is read
+    until they are final, and the test goes on without waiting for the idle workers to shut
+    down (DVC's TemporaryWorker looks every 10 s). An experiment that fails has no ref: then
+    the workers' exit is the wait. After ``timeout_s`` the queue is killed and the test
+    fails."""
+    args = list(command) if command is not None else ["dvc", "queue", "start", "-j", str(jobs)]
+    proc = subprocess.Popen(args, cwd=project, env=subprocess_env(env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=output.extend, args=(proc.stdout,), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    while reader.is_alive():
+        if names <= experiment_refs(project):
+            for _ in range(20):  # the refs come just before the tasks' ends
+                statuses, out = queue_status(project)
+                if set(statuses) >= names and all(statuses[n] in FINAL for n in names):
+                    proc.wait(timeout=60)  # the command itself, not its workers
+                    return {n: statuses[n] for n in names}
+                time.sleep(0.5)
+        if time.monotonic() > deadline:
+            out = queue_status(project)[1]
+            run(project, ["dvc", "queue", "stop", "--kill"], check=False, env=env)
+            pytest.fail(f"queue not done after {timeout_s} s:\n{out}", pytrace=False)
+        reader.join(0.5)
+    assert proc.wait() == 0, f"`{' '.join(args)}` exited {proc.returncode}:\n{''.join(output)}"
     return queue_finished(project, names)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import queue_finished, queue_status, run, table_row, toy_dvc_project
+from conftest import queue_status, run, run_queue, table_row, toy_dvc_project
 
 import pipeline.aggregate
 from pipeline import table1
@@ -329,10 +329,7 @@ def test_rebuild_commands_on_a_toy_dvc_project(tmp_path: Path) -> None:
     run(tmp_path, ["bash", "-c", queue])
     names = set(queue_status(tmp_path)[0])
     assert len(names) == len(BASES) * 3
-    # run() reads the command's output to its end, so it returns once the queue's workers
-    # (which hold that output) have run every experiment and shut down
-    run(tmp_path, ["bash", "-c", start], timeout=QUEUE_TIMEOUT_S)
-    statuses = queue_finished(tmp_path, names)
+    statuses = run_queue(tmp_path, names, 1, QUEUE_TIMEOUT_S, command=["bash", "-c", start])
     assert all(statuses[n] == "Success" for n in names), statuses
     printed = run(tmp_path, ["bash", "-c", build]).stdout
     assert "5 block(s) from 15 experiment(s); 1 paper setting(s) not run" in printed

@@ -165,6 +165,13 @@ def test_off_outside_dvc_and_when_turned_off(warm: Path) -> None:
     assert not enabled({"DVC_STAGE": "x", "RANK": "0"})  # torchrun's processes
 
 
+def test_a_client_with_nothing_to_hand_over_runs_the_ordinary_way(warm: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "warmprobe"], cwd=warm, env=probe_env(warm),
+                         capture_output=True, text=True, check=True, timeout=120,
+                         preexec_fn=lambda: os.close(0)).stdout  # no standard input
+    assert not json.loads(out)["torch_preloaded"]
+
+
 def test_copies_outlive_a_stopped_server_and_report_their_own_ends(warm: Path) -> None:
     """The last test of the shared server: it stops it."""
     path = socket_path(probe_env(warm), warm / "tmp")
