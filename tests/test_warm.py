@@ -126,14 +126,17 @@ def test_exit_statuses_are_the_clients(warm: Path) -> None:
     assert "RuntimeError: probe failed" in done.stderr and "Traceback" in done.stderr
 
 
-def test_a_signal_to_the_client_reaches_its_copy(warm: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_client_reaches_its_copy(warm: Path, signum: int) -> None:
     proc = start_probe(warm, PROBE_SLEEP="60")
     assert proc.stdout is not None
     seen = json.loads(proc.stdout.readline())
     assert seen["torch_preloaded"]
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGTERM  # the copy ended by it, so did the client
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signum  # the copy ended by it, so did the client
+    if signum == signal.SIGINT:  # Ctrl-C: Python's KeyboardInterrupt, in the copy
+        assert "KeyboardInterrupt" in err
     assert not Path(f"/proc/{seen['pid']}").exists()
 
 
