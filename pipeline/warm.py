@@ -181,11 +181,12 @@ def _wait_for_copy(conn: socket.socket, pid: int) -> NoReturn:
         signal.signal(signum, forward)
     try:
         status = _STATUS.unpack(_read_exactly(conn, _STATUS.size))[0]
-    except OSError:  # the server died: the copy's status is lost, wait it out
+    except OSError:  # no status: the copy ended by a signal and its server is gone too
         while Path(f"/proc/{pid}").exists():
             time.sleep(0.2)
-        sys.stderr.write(f"error: the warm interpreter running this stage (pid {pid}) "
-                         f"lost its server; rerun with {ENV}=off\n")
+        sys.stderr.write(f"error: the warm interpreter that ran this program (pid {pid}) "
+                         f"ended without an exit status (by a signal, and its server is "
+                         f"gone); {ENV}=off runs it the ordinary way\n")
         os._exit(1)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # killed by a signal: the same end for this process
