@@ -18,6 +18,21 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+SWITCH_VALUES = {"on": True, "off": False}
+
+
+def switch_on(name: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """An on/off environment switch (``CONFIDNET_TRACKING``, ``CONFIDNET_WARM``): ``on``
+    (the default, also when unset or empty) or ``off``, in any case. Any other value is a
+    ``ValueError`` naming it and the valid ones."""
+    value = environ.get(name) or "on"
+    try:
+        return SWITCH_VALUES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{name}={value!r} is not a valid value; use one of: "
+                         f"{', '.join(SWITCH_VALUES)}") from None
+
+
 def project_root() -> Path:
     """The DVC project root: ``DVC_ROOT`` inside DVC runs, else the working directory."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()

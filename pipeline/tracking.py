@@ -61,7 +61,7 @@ from typing import IO, Any
 
 from pipeline.artifacts import STAGE_ORDER
 from pipeline.dvcfile import read_yaml
-from pipeline.runtime import project_root
+from pipeline.runtime import project_root, switch_on
 
 # MLflow client settings a stage uses unless the environment sets them (see the docstring).
 CLIENT_DEFAULTS = {
@@ -73,7 +73,6 @@ CLIENT_DEFAULTS = {
 # Tracking off: no tracking process, no MLflow, no store; the DVC outputs and
 # runs/<stage>.json are written as always, so `python -m pipeline.replay` logs them later.
 TRACKING_SWITCH = "CONFIDNET_TRACKING"
-TRACKING_VALUES = {"on": True, "off": False}
 
 REPLAY_HINT = "python -m pipeline.replay"
 # The stage that ends the parent run.
@@ -121,13 +120,7 @@ def tracking_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether stages track in MLflow: :data:`TRACKING_SWITCH` is ``on`` (the default, also
     when unset or empty) or ``off``. Any other value is a ``ValueError`` naming it and the
     valid ones."""
-    value = environ.get(TRACKING_SWITCH) or "on"
-    try:
-        return TRACKING_VALUES[value.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"{TRACKING_SWITCH}={value!r} is not a valid value; use one of: "
-            f"{', '.join(TRACKING_VALUES)}") from None
+    return switch_on(TRACKING_SWITCH, environ)
 
 
 def default_tracking_uri() -> str:

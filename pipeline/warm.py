@@ -55,8 +55,11 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
+
+from pipeline.runtime import switch_on
 
 ENV = "CONFIDNET_WARM"
 IDLE_SECONDS = 120.0
@@ -78,25 +81,26 @@ _HEADER = struct.Struct("!I")
 _STATUS = struct.Struct("!i")
 
 
-def enabled(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process may hand itself to a warm interpreter: under DVC, not under
-    torchrun, not already a warm copy, ``CONFIDNET_WARM`` not ``off``, on Linux."""
-    value = environ.get(ENV, "on").strip().lower()
-    if value not in ("on", "off", ""):
-        return False  # the stage reports a bad value (pipeline.stage): an ordinary run
-    return (value != "off" and "DVC_STAGE" in environ and "RANK" not in environ
+    torchrun, not already a warm copy, ``CONFIDNET_WARM`` on, on Linux. A bad
+    ``CONFIDNET_WARM`` means an ordinary run, in which the stage reports it
+    (:func:`check_setting`, from :func:`pipeline.stage.run_stage`)."""
+    try:
+        wanted = switch_on(ENV, environ)
+    except ValueError:
+        return False
+    return (wanted and "DVC_STAGE" in environ and "RANK" not in environ
             and environ.get(_CHILD) != str(os.getpid()) and sys.platform == "linux"
             and hasattr(socket, "send_fds"))
 
 
-def check_setting(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+def check_setting(environ: Mapping[str, str] = os.environ) -> None:
     """Raise ValueError naming a bad ``CONFIDNET_WARM`` and the valid values."""
-    value = environ.get(ENV)
-    if value is not None and value.strip().lower() not in ("on", "off", ""):
-        raise ValueError(f"{ENV}={value!r} is not valid: use 'on' (the default) or 'off'")
+    switch_on(ENV, environ)
 
 
-def server_key(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+def server_key(environ: Mapping[str, str] = os.environ) -> str:
     """What a server and its clients must agree on (see the module docstring)."""
     site = sysconfig.get_paths()["purelib"]
     with contextlib.suppress(OSError):
@@ -108,7 +112,7 @@ def server_key(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:20]
 
 
-def socket_path(environ: dict[str, str] | os._Environ[str] = os.environ,
+def socket_path(environ: Mapping[str, str] = os.environ,
                 folder: Path | None = None) -> Path:
     """The server's socket, in this user's folder ``confidnet-warm-<uid>`` of ``folder``
     (the temporary folder by default)."""
@@ -257,7 +261,7 @@ def serve(path: Path, idle_seconds: float = IDLE_SECONDS,
     selector.register(wake_read, selectors.EVENT_READ)
     copies: dict[int, socket.socket] = {}
     try:
-        _serve_until_idle([listener, lock], selector, copies, (wake_read, wake_write),
+        _serve_until_idle(listener, lock, selector, copies, (wake_read, wake_write),
                           idle_seconds)
     except SystemExit:  # SIGTERM: the copies go on, and report their ends themselves
         pass
@@ -272,24 +276,24 @@ def _stop_serving(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def _serve_until_idle(held: list[Any], selector: selectors.BaseSelector,
-                      copies: dict[int, socket.socket], wakeup: tuple[int, int],
-                      idle_seconds: float) -> None:
-    """``held``: the listening socket, then what else a copy must close."""
-    listener: socket.socket = held[0]
-    wake_read = wakeup[0]
+def _serve_until_idle(listener: socket.socket, lock: IO[str],
+                      selector: selectors.BaseSelector, copies: dict[int, socket.socket],
+                      wakeup: tuple[int, int], idle_seconds: float) -> None:
+    """Fork a copy per connection, report each copy's end (its wait status) to its
+    client, until ``idle_seconds`` pass with no copy running. A copy closes what the
+    server holds: above all the lock, which must not outlive the server."""
     last = time.monotonic()
     while copies or time.monotonic() - last < idle_seconds:
         for key, _ in selector.select(timeout=min(idle_seconds, 5.0)):
             if key.fd == listener.fileno():
                 conn, _ = listener.accept()
-                pid = _fork_copy(conn, closing=[*held, *copies.values()], wakeup=wakeup,
-                                 selector=selector)
+                pid = _fork_copy(conn, closing=[listener, lock, *copies.values()],
+                                 wakeup=wakeup, selector=selector)
                 if pid:
                     copies[pid] = conn
             else:
                 with contextlib.suppress(BlockingIOError):
-                    os.read(wake_read, 4096)
+                    os.read(wakeup[0], 4096)
         while copies:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -350,6 +354,15 @@ def _fork_copy(conn: socket.socket, closing: list[Any], wakeup: tuple[int, int],
 def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
     """In the forked copy: take over the client's process state and run its module."""
     ended = [1]  # the exit status, reported by the copy itself (see report)
+
+    def report() -> None:
+        """The last exit function (the first registered): the status goes to the client
+        from here, so that it arrives even if the server is gone; the server reports an
+        end by a signal."""
+        _flush()
+        with contextlib.suppress(OSError):
+            conn.sendall(_STATUS.pack(ended[0] << 8))
+
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -382,15 +395,6 @@ def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoR
             os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Thread(target=orphaned, daemon=True).start()
-
-        def report() -> None:
-            """The last exit function (the first registered): the status goes to the
-            client from here, so that it arrives even if the server is gone; the server
-            reports an end by a signal."""
-            _flush()
-            with contextlib.suppress(OSError):
-                conn.sendall(_STATUS.pack(ended[0] << 8))
-
         atexit.register(report)
         ended[0] = 0  # pipeline.stage.end_process exits 0 through the exit functions
         import runpy
@@ -404,8 +408,10 @@ def _become(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoR
         else:
             sys.stderr.write(f"{stop.code}\n")
             ended[0] = 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # as Python does: report it, exit functions, end by SIGINT
         traceback.print_exc()
+        atexit.unregister(report)
+        atexit._run_exitfuncs()
         _flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)

@@ -463,12 +463,15 @@ def queue_status(project: Path) -> tuple[dict[str, str], str]:
     return statuses, out
 
 
+def all_final(statuses: Mapping[str, str], names: set[str]) -> bool:
+    return set(statuses) >= names and all(statuses[n] in FINAL for n in names)
+
+
 def queue_finished(project: Path, names: set[str]) -> dict[str, str]:
     """Name -> status of the experiments of ``names``, once `dvc queue status` shows each of
     them final and no worker left; fails the test otherwise."""
     statuses, out = queue_status(project)
-    done = set(statuses) >= names and all(statuses[n] in FINAL for n in names)
-    if not (done and "Worker status: 0 active, 0 idle" in out):
+    if not (all_final(statuses, names) and "Worker status: 0 active, 0 idle" in out):
         pytest.fail(f"the queue is not done:\n{out}", pytrace=False)
     return {n: statuses[n] for n in names}
 
@@ -508,8 +511,8 @@ def run_queue(project: Path, names: set[str], jobs: int, timeout_s: float,
     while reader.is_alive():
         if names <= experiment_refs(project):
             for _ in range(20):  # the refs come just before the tasks' ends
-                statuses, out = queue_status(project)
-                if set(statuses) >= names and all(statuses[n] in FINAL for n in names):
+                statuses = queue_status(project)[0]
+                if all_final(statuses, names):
                     proc.wait(timeout=60)  # the command itself, not its workers
                     return {n: statuses[n] for n in names}
                 time.sleep(0.5)

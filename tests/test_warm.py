@@ -195,7 +195,8 @@ def test_copies_outlive_a_stopped_server_and_report_their_own_ends(warm: Path) -
 def test_a_bad_setting_names_the_valid_values() -> None:
     check_setting({ENV: "off"})
     check_setting({})
-    with pytest.raises(ValueError, match=r"CONFIDNET_WARM='maybe' is not valid: use 'on'"):
+    with pytest.raises(ValueError,
+                       match=r"CONFIDNET_WARM='maybe' is not a valid value; use one of: on, off"):
         check_setting({ENV: "maybe"})
 
 
